@@ -1,0 +1,209 @@
+"""Shared fixtures: real PostgreSQL + pgvector and Redis (the embedded ones unless
+DATABASE_URL / REDIS_URL are given), a fresh test database migrated once per session,
+per-test transactions rolled back, and a real Celery worker process on demand."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_DB = os.environ.get("TEST_DB_NAME", "worker_test")
+
+# Settings are read from the environment: pin what tests rely on before anything imports them.
+os.environ.setdefault("LOG_LEVEL", "INFO")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+
+def _admin_dsn(url: str) -> str:
+    base = url.replace("postgresql+psycopg://", "postgresql://", 1)
+    return base.rsplit("/", 1)[0] + "/postgres"
+
+
+@pytest.fixture(scope="session")
+def service_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """DATABASE_URL of a fresh, migrated test database and REDIS_URL of a test Redis db."""
+    from worker import services
+    from worker.config import get_settings, load_settings
+
+    given_db = os.environ.get("TEST_DATABASE_URL") or os.environ.get("DATABASE_URL")
+    given_redis = os.environ.get("TEST_REDIS_URL") or os.environ.get("REDIS_URL")
+    settings = load_settings(data_dir=ROOT / ".data")
+    if not given_db or not given_redis:
+        services.pg_start(settings)
+        services.redis_start(settings)
+    db_base = given_db or services.embedded_database_url(settings)
+    redis_url = given_redis or services.embedded_redis_url(settings, db=1)
+    admin = _admin_dsn(db_base)
+    services.drop_database(admin, TEST_DB)
+    services.ensure_database(admin, TEST_DB)
+    db_url = db_base.rsplit("/", 1)[0] + f"/{TEST_DB}"
+    if not db_url.startswith("postgresql+psycopg://"):
+        db_url = db_url.replace("postgresql://", "postgresql+psycopg://", 1)
+
+    upload_root = tmp_path_factory.mktemp("uploads")
+    os.environ.update(
+        DATABASE_URL=db_url,
+        REDIS_URL=redis_url,
+        UPLOAD_ROOT=str(upload_root),
+        DATA_DIR=str(ROOT / ".data"),
+    )
+    for key in ("BROKER_URL", "RESULT_BACKEND"):
+        os.environ.pop(key, None)
+    get_settings.cache_clear()
+    import redis
+
+    redis.Redis.from_url(redis_url).flushdb()
+
+    from worker.app import app, configure
+    from worker.db import migrate
+
+    configure(app, get_settings())
+    migrate.upgrade("head")
+    yield {"DATABASE_URL": db_url, "REDIS_URL": redis_url, "UPLOAD_ROOT": str(upload_root)}
+
+
+@pytest.fixture(scope="session")
+def engine(service_urls: dict[str, str]):  # type: ignore[no-untyped-def]
+    from worker.db.engine import get_engine
+
+    return get_engine()
+
+
+@pytest.fixture
+def db_session(engine):  # type: ignore[no-untyped-def]
+    """A session inside a transaction that is rolled back after the test (savepoints let
+    the code under test commit as it normally would)."""
+    from sqlalchemy.orm import Session
+
+    conn = engine.connect()
+    trans = conn.begin()
+    session = Session(bind=conn, join_transaction_mode="create_savepoint")
+    try:
+        yield session
+    finally:
+        session.close()
+        trans.rollback()
+        conn.close()
+
+
+@pytest.fixture
+def upload_root(service_urls: dict[str, str]) -> Path:
+    return Path(service_urls["UPLOAD_ROOT"])
+
+
+@pytest.fixture
+def user_id() -> str:
+    return f"user-{uuid.uuid4().hex[:10]}"
+
+
+class WorkerProcess:
+    """A real `celery worker` subprocess on the test Redis and database."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, queues: str, concurrency: int):
+        self.log_path = log_path
+        self.env = env
+        self.queues = queues
+        self.concurrency = concurrency
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker.app",
+                "worker",
+                "--loglevel",
+                "INFO",
+                "-Q",
+                self.queues,
+                "--concurrency",
+                str(self.concurrency),
+                "--without-mingle",
+                "--without-gossip",
+                "--hostname",
+                f"test-{uuid.uuid4().hex[:6]}@%h",
+            ],
+            env=self.env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Kill the whole process group (the main process and its prefork children)."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture(scope="session")
+def worker_env(service_urls: dict[str, str]) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(service_urls)
+    env["PYTHONPATH"] = str(ROOT)
+    env.setdefault("WORKER_CONCURRENCY", "1")
+    return env
+
+
+@pytest.fixture(scope="session")
+def celery_worker(
+    worker_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WorkerProcess]:
+    """One real worker for the session, consuming every queue; waits until it answers."""
+    from worker.app import app
+
+    worker = WorkerProcess(
+        worker_env,
+        tmp_path_factory.mktemp("worker") / "worker.log",
+        "ingest,imports,maintenance",
+        1,
+    )
+    worker.start()
+    try:
+        wait_for_worker(app, worker)
+        yield worker
+    finally:
+        worker.stop()
+
+
+def wait_for_worker(app, worker: WorkerProcess, timeout: float = 90) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    from worker.app import TASK_HEALTH
+
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if worker.proc and worker.proc.poll() is not None:
+            raise RuntimeError(f"worker exited early:\n{worker.log()[-4000:]}")
+        try:
+            result: dict[str, object] = app.send_task(TASK_HEALTH).get(timeout=10)
+            return result
+        except Exception as exc:
+            last = exc
+    raise RuntimeError(f"worker did not answer in {timeout}s ({last}):\n{worker.log()[-4000:]}")

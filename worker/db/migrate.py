@@ -1,0 +1,48 @@
+"""Alembic driven from Python, with the same Settings as the worker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+
+from alembic import command
+from worker.config import Settings, get_settings
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def alembic_config(settings: Settings | None = None) -> Config:
+    ini = REPO_ROOT / "alembic.ini"
+    if not ini.exists():
+        raise FileNotFoundError(
+            f"{ini} not found: migrations ship with the source tree (install with pip -e)"
+        )
+    cfg = Config(str(ini))
+    cfg.attributes["database_url"] = (settings or get_settings()).database_url
+    return cfg
+
+
+def script_directory() -> ScriptDirectory:
+    return ScriptDirectory.from_config(alembic_config())
+
+
+def upgrade(revision: str = "head", settings: Settings | None = None) -> None:
+    command.upgrade(alembic_config(settings), revision)
+
+
+def downgrade(revision: str, settings: Settings | None = None) -> None:
+    command.downgrade(alembic_config(settings), revision)
+
+
+def current(settings: Settings | None = None) -> None:
+    command.current(alembic_config(settings), verbose=True)
+
+
+def history(settings: Settings | None = None) -> None:
+    command.history(alembic_config(settings), verbose=False)
+
+
+def revision(message: str, settings: Settings | None = None) -> None:
+    command.revision(alembic_config(settings), message=message, autogenerate=True)

@@ -1,0 +1,153 @@
+"""Reads and small writes shared by the client, the CLI and the tasks. Every function that
+touches user data takes ``user_id`` and filters by it: no query here crosses users."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import func, select, text, update
+from sqlalchemy.orm import Session
+
+from worker.db.models import Bookmark, EmbeddingModel, ImportJob, Item, Upload
+
+
+def insert_upload(
+    session: Session,
+    *,
+    user_id: str,
+    file_path: str,
+    filename: str,
+    original_filename: str | None,
+    file_size: int | None,
+    mime_type: str | None,
+) -> int:
+    item = Item(user_id=user_id, kind="upload", status="queued", title=original_filename)
+    session.add(item)
+    session.flush()
+    session.add(
+        Upload(
+            item_id=item.id,
+            user_id=user_id,
+            filename=filename,
+            original_filename=original_filename,
+            file_path=file_path,
+            file_size=file_size,
+            mime_type=mime_type,
+        )
+    )
+    session.flush()
+    return item.id
+
+
+def insert_import_job(
+    session: Session, *, user_id: str, filename: str, file_size: int | None
+) -> int:
+    job = ImportJob(user_id=user_id, filename=filename, file_size_bytes=file_size)
+    session.add(job)
+    session.flush()
+    return job.id
+
+
+@dataclass(frozen=True)
+class ItemStatus:
+    id: int
+    user_id: str
+    kind: str
+    status: str
+    title: str | None
+    attempts: int
+    error: str | None
+    created_at: datetime
+    processed_at: datetime | None
+    chunks: int
+    analysis_version: int | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def item_status(session: Session, user_id: str, item_id: int) -> ItemStatus | None:
+    row = session.execute(
+        text(
+            "SELECT i.id, i.user_id, i.kind, i.status, i.title, i.attempts, i.error, "
+            "i.created_at, i.processed_at, "
+            "(SELECT count(*) FROM embedding e WHERE e.item_id = i.id AND e.user_id = i.user_id "
+            " AND e.chunk_index >= 0) AS chunks, "
+            "(SELECT max(version) FROM analysis a WHERE a.item_id = i.id "
+            " AND a.user_id = i.user_id) AS analysis_version "
+            "FROM item i WHERE i.id = :id AND i.user_id = :user_id AND i.deleted_at IS NULL"
+        ),
+        {"id": item_id, "user_id": user_id},
+    ).first()
+    return ItemStatus(**row._mapping) if row else None
+
+
+def items_status_counts(session: Session, user_id: str, item_ids: list[int]) -> dict[str, int]:
+    rows = session.execute(
+        select(Item.status, func.count())
+        .where(Item.user_id == user_id, Item.id.in_(item_ids))
+        .group_by(Item.status)
+    ).all()
+    return {status: count for status, count in rows}
+
+
+def list_items(
+    session: Session,
+    user_id: str,
+    *,
+    kind: str | None = None,
+    status: str | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> list[dict[str, Any]]:
+    stmt = (
+        select(Item.id, Item.kind, Item.status, Item.title, Item.error, Item.created_at)
+        .where(Item.user_id == user_id, Item.deleted_at.is_(None))
+        .order_by(Item.created_at.desc(), Item.id.desc())
+        .limit(limit)
+        .offset(offset)
+    )
+    if kind:
+        stmt = stmt.where(Item.kind == kind)
+    if status:
+        stmt = stmt.where(Item.status == status)
+    return [dict(r._mapping) for r in session.execute(stmt)]
+
+
+def import_job(session: Session, user_id: str, job_id: int) -> ImportJob | None:
+    return session.scalar(
+        select(ImportJob).where(ImportJob.id == job_id, ImportJob.user_id == user_id)
+    )
+
+
+def soft_delete_item(session: Session, user_id: str, item_id: int) -> bool:
+    now = datetime.now(UTC)
+    result = session.execute(
+        update(Item)
+        .where(Item.id == item_id, Item.user_id == user_id, Item.deleted_at.is_(None))
+        .values(deleted_at=now)
+    )
+    session.execute(
+        update(Bookmark)
+        .where(Bookmark.item_id == item_id, Bookmark.user_id == user_id)
+        .values(deleted_at=now)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def embedding_models(session: Session, states: tuple[str, ...]) -> list[EmbeddingModel]:
+    return list(
+        session.scalars(
+            select(EmbeddingModel)
+            .where(EmbeddingModel.state.in_(states))
+            .order_by(EmbeddingModel.id)
+        )
+    )
+
+
+def db_now(session: Session) -> datetime:
+    """The database's clock: rates and deadlines must not mix two machines' clocks."""
+    now: datetime = session.execute(text("SELECT now()")).scalar_one()
+    return now

@@ -1,0 +1,1 @@
+"""Scheduled upkeep: vector indexes, VACUUM/ANALYZE, requeue of stuck work, statistics."""
