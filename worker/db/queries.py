@@ -23,6 +23,31 @@ def insert_upload(
     file_size: int | None,
     mime_type: str | None,
 ) -> int:
+    """The item for this user's file: a new one, or the live one already registered for the
+    same path, queued again (so re-enqueueing a file never duplicates it; unchanged content
+    is then a no-op in the worker)."""
+    existing = session.execute(
+        select(Item)
+        .join(Upload, Upload.item_id == Item.id)
+        .where(
+            Upload.user_id == user_id,
+            Upload.file_path == file_path,
+            Item.user_id == user_id,
+            Item.deleted_at.is_(None),
+        )
+        .with_for_update(of=Item)
+    ).scalar_one_or_none()
+    if existing is not None:
+        existing.status = "queued"
+        existing.attempts = 0
+        existing.error = None
+        session.execute(
+            update(Upload)
+            .where(Upload.item_id == existing.id)
+            .values(file_size=file_size, original_filename=original_filename, mime_type=mime_type)
+        )
+        session.flush()
+        return existing.id
     item = Item(user_id=user_id, kind="upload", status="queued", title=original_filename)
     session.add(item)
     session.flush()

@@ -63,10 +63,12 @@ def parse(
     parser = _PARSERS.get(source.mime_type)
     if parser is None:
         supported = ", ".join(sorted(_PARSERS))
-        raise UnsupportedTypeError(
-            f"{source.path}: files of type {source.mime_type} are not supported; "
-            f"upload one of: {supported}"
+        what = (
+            "the content is binary, not text or a supported document"
+            if source.mime_type == "application/octet-stream"
+            else f"files of type {source.mime_type} are not supported"
         )
+        raise UnsupportedTypeError(f"{source.path}: {what}; upload one of: {supported}")
     found = parser(source, _Limits(max_json_depth, max_decompressed_bytes))
     text = normalize_text(found.text)
     if not text:

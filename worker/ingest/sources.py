@@ -19,6 +19,7 @@ import zipfile
 import zlib
 from io import BytesIO
 from pathlib import Path
+from typing import BinaryIO
 
 from charset_normalizer import from_bytes
 
@@ -69,7 +70,7 @@ def load_source(path: str | os.PathLike[str], *, upload_root: Path, max_bytes: i
     Raises ``SourceError`` for anything that must not or cannot be read, and a skipping
     ``PermanentError`` for an empty file (valid, but nothing to index).
     """
-    resolved = _resolve_inside(path, upload_root)
+    resolved = resolve_inside(path, upload_root)
     data = _read_capped(resolved, max_bytes)
     if not data:
         raise PermanentError(f"{resolved}: the file is empty; nothing to index", skip=True)
@@ -81,7 +82,7 @@ def load_source(path: str | os.PathLike[str], *, upload_root: Path, max_bytes: i
     )
 
 
-def _resolve_inside(path: str | os.PathLike[str], upload_root: Path) -> Path:
+def resolve_inside(path: str | os.PathLike[str], upload_root: Path) -> Path:
     """Resolve symlinks and ``..`` and refuse a result outside the upload root.
 
     The check is on the resolved path, so a symlink inside the root that points outside it
@@ -101,6 +102,27 @@ def _resolve_inside(path: str | os.PathLike[str], upload_root: Path) -> Path:
             "Uploads must be stored under the upload root (check UPLOAD_ROOT)."
         )
     return resolved
+
+
+def open_source(path: str | os.PathLike[str], *, upload_root: Path, max_bytes: int) -> BinaryIO:
+    """Open a file under the upload root for streaming (bookmark exports), with the same
+    refusals as ``load_source``: outside the root, not a regular file, over the cap."""
+    resolved = resolve_inside(path, upload_root)
+    before = _stat_regular(resolved, max_bytes)
+    if before.st_size == 0:
+        raise PermanentError(f"{resolved}: the file is empty; nothing to import", skip=True)
+    try:
+        fd = os.open(resolved, _OPEN_FLAGS)
+    except FileNotFoundError as exc:
+        raise _missing(resolved) from exc
+    except OSError as exc:
+        raise SourceError(f"{resolved}: cannot open the file ({exc.strerror})") from exc
+    try:
+        _check_same_file(resolved, before, os.fstat(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
 
 
 def _read_capped(path: Path, max_bytes: int) -> bytes:

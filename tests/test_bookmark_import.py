@@ -1,0 +1,219 @@
+"""Bookmark imports: merging and staging (real PostgreSQL), and whole imports through a real
+worker and real Redis, including re-import and a worker killed mid-import."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from worker import client
+from worker.bookmarks.importer import bookmark_text, read_export, stage_import
+from worker.db import queries
+from worker.db.engine import session_scope
+
+FIXTURES = Path(__file__).parent / "fixtures" / "bookmarks"
+
+
+def netscape(entries: list[str]) -> bytes:
+    body = "\n".join(f"    <DT>{e}" for e in entries)
+    return (
+        "<!DOCTYPE NETSCAPE-Bookmark-file-1>\n<TITLE>Bookmarks</TITLE>\n<H1>Bookmarks</H1>\n"
+        f"<DL><p>\n{body}\n</DL><p>\n"
+    ).encode()
+
+
+def generated_export(n: int, *, prefix: str = "site") -> bytes:
+    entries = [
+        f'<A HREF="https://{prefix}{i % 97}.example.org/page/{i}?utm_source=x" '
+        f'ADD_DATE="{1600000000 + i}" TAGS="t{i % 7}">Page {i} about topic {i % 13}</A>'
+        for i in range(n)
+    ]
+    return netscape(entries)
+
+
+def test_duplicates_in_file_are_merged_with_tags_united() -> None:
+    data = netscape(
+        [
+            '<A HREF="https://Example.com/a?utm_source=x&b=2&a=1" TAGS="one">A</A>',
+            '<A HREF="https://example.com:443/a?a=1&b=2#frag" TAGS="two">A again</A>',
+            '<A HREF="javascript:void(0)">bookmarklet</A>',
+            '<A HREF="place:sort=8">smart folder</A>',
+            '<A HREF="https://other.example.com/">Other</A>',
+        ]
+    )
+    export = read_export(io.BytesIO(data))
+    assert export.entries == 5
+    assert export.duplicates_in_file == 1
+    assert dict(export.skipped) == {"javascript": 1, "place": 1}
+    merged = export.bookmarks["https://example.com/a?a=1&b=2"]
+    assert merged.tags == ["one", "two"] and merged.title == "A"
+
+
+def test_bookmark_text_combines_every_field() -> None:
+    embedded = bookmark_text(
+        "Sourdough",
+        "Wild yeast bread",
+        ["bread", "baking"],
+        ["Cooking", "Bread"],
+        "en.wikipedia.org",
+        "https://en.wikipedia.org/wiki/Sourdough_starter",
+    )
+    for part in (
+        "Sourdough",
+        "Wild yeast",
+        "bread, baking",
+        "Cooking / Bread",
+        "wikipedia",
+        "starter",
+    ):
+        assert part in embedded
+
+
+def test_stage_merges_against_existing_and_is_per_user(db_session, user_id: str) -> None:  # type: ignore[no-untyped-def]
+    other = user_id + "-other"
+    first = read_export(io.BytesIO(netscape(['<A HREF="https://a.example/x" TAGS="old">X</A>'])))
+    second = read_export(
+        io.BytesIO(
+            netscape(
+                [
+                    '<A HREF="https://a.example/x/" TAGS="new">X</A>',
+                    '<A HREF="https://a.example/y">Y</A>',
+                ]
+            )
+        )
+    )
+    job1 = queries.insert_import_job(db_session, user_id=user_id, filename="a", file_size=1)
+    job2 = queries.insert_import_job(db_session, user_id=user_id, filename="b", file_size=1)
+    job3 = queries.insert_import_job(db_session, user_id=other, filename="c", file_size=1)
+    assert stage_import(db_session, job1, user_id, first, batch_size=10)["created"] == 1
+    result = stage_import(db_session, job2, user_id, second, batch_size=10)
+    assert result["created"] == 2 and result["duplicates"] == 0  # /x/ is not /x
+    again = stage_import(db_session, job3, other, first, batch_size=10)
+    assert again["created"] == 1  # another user's identical URL is theirs to keep
+    third = read_export(
+        io.BytesIO(netscape(['<A HREF="https://A.example/x#top" TAGS="more">X</A>']))
+    )
+    job4 = queries.insert_import_job(db_session, user_id=user_id, filename="d", file_size=1)
+    result = stage_import(db_session, job4, user_id, third, batch_size=10)
+    assert result == {"created": 0, "duplicates": 1, "skipped": 0, "batches": 0}
+    tags = db_session.execute(
+        text(
+            "SELECT tags FROM bookmark WHERE user_id = :u AND canonical_url = 'https://a.example/x'"
+        ),
+        {"u": user_id},
+    ).scalar_one()
+    assert sorted(tags) == ["more", "old"]
+
+
+def wait_job(user_id: str, job_id: int, timeout: float = 300) -> client.ImportProgress:
+    deadline = time.monotonic() + timeout
+    while True:
+        progress = client.import_status(user_id, job_id)
+        assert progress is not None
+        if progress.finished or time.monotonic() > deadline:
+            return progress
+        time.sleep(0.3)
+
+
+@pytest.mark.integration
+def test_browser_exports_import_and_reimport_adds_nothing(
+    celery_worker, upload_root: Path, user_id: str
+) -> None:  # type: ignore[no-untyped-def]
+    target = upload_root / user_id
+    target.mkdir(parents=True)
+    shutil.copy(FIXTURES / "chrome.html", target / "chrome.html")
+    job = client.import_bookmarks(user_id, target / "chrome.html")
+    progress = wait_job(user_id, job)
+    assert progress.status == "done", (progress, celery_worker.log()[-3000:])
+    assert progress.created > 0 and progress.processed == progress.total
+    with session_scope() as s:
+        rows = s.execute(
+            text(
+                "SELECT b.canonical_url, b.folder_path, i.status, "
+                "(SELECT count(*) FROM embedding e WHERE e.item_id = i.id) AS vectors "
+                "FROM bookmark b JOIN item i ON i.id = b.item_id WHERE b.user_id = :u"
+            ),
+            {"u": user_id},
+        ).all()
+    assert len(rows) == progress.created
+    assert all(r.status == "done" and r.vectors == 1 for r in rows)
+    assert any(r.folder_path for r in rows)
+
+    again = client.import_bookmarks(user_id, target / "chrome.html")
+    second = wait_job(user_id, again)
+    assert second.status == "done" and second.created == 0
+    assert second.duplicates == progress.created
+    with session_scope() as s:
+        count = s.execute(
+            text("SELECT count(*) FROM bookmark WHERE user_id = :u"), {"u": user_id}
+        ).scalar_one()
+    assert count == progress.created
+
+
+@pytest.mark.integration
+def test_unrecognised_file_fails_the_job_with_a_message(
+    celery_worker, upload_root: Path, user_id: str
+) -> None:  # type: ignore[no-untyped-def]
+    path = upload_root / f"{user_id}-notes.txt"
+    path.write_text("just some notes and not bookmarks at all\n" * 10)
+    job = client.import_bookmarks(user_id, path)
+    progress = wait_job(user_id, job)
+    assert progress.status == "failed"
+    assert progress.error and "netscape" in progress.error.lower()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_worker_killed_mid_import_resumes_with_every_bookmark_once(
+    celery_worker, upload_root: Path, user_id: str, engine
+) -> None:  # type: ignore[no-untyped-def]
+    from conftest import wait_for_worker
+
+    from worker.app import app
+    from worker.config import get_settings
+    from worker.maintenance.requeue import find_and_requeue
+
+    n = 3000
+    path = upload_root / f"{user_id}-big.html"
+    path.write_bytes(generated_export(n, prefix=user_id))
+    job = client.import_bookmarks(user_id, path)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        progress = client.import_status(user_id, job)
+        assert progress is not None
+        if progress.processed >= 512:
+            break
+        time.sleep(0.2)
+    celery_worker.kill(signal.SIGKILL)
+    celery_worker.start()
+    wait_for_worker(app, celery_worker)
+    # The killed worker's unacknowledged message waits for Redis' visibility timeout; the
+    # requeue task finds the stuck batch in the database and sends it again at once.
+    settings = get_settings().model_copy(update={"stuck_after_seconds": 1})
+    time.sleep(1.5)
+
+    def send(task: str, args: list[object], queue: str) -> None:
+        app.send_task(task, args=args, queue=queue)
+
+    find_and_requeue(engine, settings, send)
+    progress = wait_job(user_id, job)
+    assert progress.status == "done", progress
+    with session_scope() as s:
+        stats = s.execute(
+            text(
+                "SELECT count(*) AS bookmarks, count(DISTINCT b.canonical_url) AS urls, "
+                "sum((SELECT count(*) FROM embedding e WHERE e.item_id = b.item_id)) AS vectors, "
+                "count(*) FILTER (WHERE i.status = 'done') AS done "
+                "FROM bookmark b JOIN item i ON i.id = b.item_id WHERE b.user_id = :u"
+            ),
+            {"u": user_id},
+        ).one()
+    assert stats.bookmarks == n and stats.urls == n
+    assert stats.vectors == n and stats.done == n
+    assert progress.processed == progress.total == n

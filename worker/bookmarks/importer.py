@@ -1,0 +1,571 @@
+"""Bookmark imports: parse a whole export as a stream, merge duplicates (within the file and
+against the user's live bookmarks), stage new rows and their embedding batches in ONE
+transaction, then embed batch by batch.
+
+Why this shape: staging everything before any embedding makes the import resumable from the
+database alone. A worker killed while parsing leaves nothing; killed after staging, the job's
+batches are still ``queued``/``processing`` and are sent again (by the redelivered job task or
+by requeue); a batch's vectors, item statuses and job counters are written in one
+transaction, so nothing is counted or embedded twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, BinaryIO
+from urllib.parse import unquote, urlsplit
+
+from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session
+
+from worker.bookmarks.canonical import canonicalize, skip_reason
+from worker.bookmarks.parse import ParsedBookmark, SkippedEntry, iter_bookmarks
+from worker.config import Settings
+from worker.db.engine import session_scope
+from worker.errors import PermanentError
+from worker.ingest.sources import open_source
+from worker.ingest.store import copy_embeddings, psycopg_connection
+from worker.ingest.types import EmbeddedChunk
+
+log = logging.getLogger(__name__)
+
+
+# --- parse and merge ---------------------------------------------------------------------
+
+
+@dataclass
+class StagedBookmark:
+    canonical_url: str
+    url: str
+    title: str
+    domain: str | None
+    folder_path: list[str]
+    tags: list[str]
+    description: str | None
+    added_at: datetime | None
+
+    def merge(self, other: ParsedBookmark) -> None:
+        """A duplicate within the file: unite tags and folders, fill what is missing."""
+        self.tags = _union(self.tags, other.tags)
+        self.folder_path = _union(self.folder_path, other.folder_path)
+        self.title = self.title or other.title
+        self.description = self.description or other.description or None
+        if other.added_at and (self.added_at is None or other.added_at < self.added_at):
+            self.added_at = other.added_at
+
+
+@dataclass
+class ParsedExport:
+    format: str
+    bookmarks: dict[str, StagedBookmark] = field(default_factory=dict)
+    entries: int = 0
+    duplicates_in_file: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+
+
+def _union(a: Sequence[str], b: Sequence[str]) -> list[str]:
+    return list(dict.fromkeys([*a, *b]))
+
+
+def domain_of(url: str) -> str | None:
+    try:
+        host = urlsplit(url).hostname
+    except ValueError:
+        return None
+    return host.lower() if host else None
+
+
+def read_export(fp: BinaryIO, *, fmt: str | None = None, filename: str = "") -> ParsedExport:
+    """Stream the export; memory grows with the number of distinct bookmarks, not the size
+    of the file (icons and long lines are dropped by the parser as it goes)."""
+    entries: Iterator[ParsedBookmark | SkippedEntry] = iter_bookmarks(
+        fp, fmt=fmt, filename=filename
+    )
+    export = ParsedExport(format=fmt or "auto")
+    for entry in entries:
+        export.entries += 1
+        if isinstance(entry, SkippedEntry):
+            export.skipped[entry.reason] += 1
+            continue
+        reason = skip_reason(entry.url)
+        if reason:
+            export.skipped[reason] += 1
+            continue
+        key = canonicalize(entry.url)
+        found = export.bookmarks.get(key)
+        if found is not None:
+            found.merge(entry)
+            export.duplicates_in_file += 1
+            continue
+        export.bookmarks[key] = StagedBookmark(
+            canonical_url=key,
+            url=entry.url.strip(),
+            title=entry.title.strip(),
+            domain=domain_of(key),
+            folder_path=list(entry.folder_path),
+            tags=list(dict.fromkeys(entry.tags)),
+            description=entry.description.strip() or None,
+            added_at=entry.added_at,
+        )
+    return export
+
+
+# --- stage -------------------------------------------------------------------------------
+
+_STAGE_COLUMNS = "ord, canonical_url, url, title, domain, folder_path, tags, description, added_at"
+
+
+def _copy_stage(session: Session, rows: Iterable[StagedBookmark]) -> None:
+    session.execute(
+        text(
+            "CREATE TEMP TABLE bookmark_stage (ord int, canonical_url text, url text, "
+            "title text, domain text, folder_path text[], tags text[], description text, "
+            "added_at timestamptz, item_id bigint) ON COMMIT DROP"
+        )
+    )
+    raw = psycopg_connection(session.connection())
+    with (
+        raw.cursor() as cur,
+        cur.copy(f"COPY bookmark_stage ({_STAGE_COLUMNS}) FROM STDIN") as copy,
+    ):
+        for ord_, b in enumerate(rows):
+            copy.write_row(
+                (
+                    ord_,
+                    b.canonical_url,
+                    b.url.replace("\x00", ""),
+                    b.title.replace("\x00", ""),
+                    b.domain,
+                    [f.replace("\x00", "") for f in b.folder_path],
+                    [t.replace("\x00", "") for t in b.tags],
+                    (b.description or "").replace("\x00", "") or None,
+                    b.added_at,
+                )
+            )
+
+
+def stage_import(
+    session: Session, job_id: int, user_id: str, export: ParsedExport, *, batch_size: int
+) -> dict[str, int]:
+    """In the caller's transaction: merge duplicates into the user's live bookmarks, insert
+    the new items + bookmarks, and cut their ids into embedding batches."""
+    # One import per user at a time through this section: two concurrent imports of the same
+    # URL would otherwise both see it as new and one would hit the unique index.
+    session.execute(
+        text("SELECT pg_advisory_xact_lock(hashtextextended('bookmarks:' || :u, 0))"),
+        {"u": user_id},
+    )
+    _copy_stage(session, export.bookmarks.values())
+    merged = session.execute(
+        text(
+            "UPDATE bookmark b SET "
+            "tags = ARRAY(SELECT DISTINCT t FROM unnest(b.tags || s.tags) t), "
+            "folder_path = CASE WHEN cardinality(b.folder_path) = 0 THEN s.folder_path "
+            "ELSE b.folder_path END, "
+            "description = coalesce(b.description, s.description), updated_at = now() "
+            "FROM bookmark_stage s WHERE b.user_id = :u AND b.deleted_at IS NULL "
+            "AND b.canonical_url = s.canonical_url"
+        ),
+        {"u": user_id},
+    ).rowcount  # type: ignore[attr-defined]
+    session.execute(
+        text(
+            "UPDATE bookmark_stage s SET item_id = nextval(pg_get_serial_sequence('item', 'id')) "
+            "WHERE NOT EXISTS (SELECT 1 FROM bookmark b WHERE b.user_id = :u "
+            "AND b.deleted_at IS NULL AND b.canonical_url = s.canonical_url)"
+        ),
+        {"u": user_id},
+    )
+    session.execute(
+        text(
+            "INSERT INTO item (id, user_id, kind, status, title) OVERRIDING SYSTEM VALUE "
+            "SELECT item_id, :u, 'bookmark', 'queued', coalesce(nullif(title, ''), url) "
+            "FROM bookmark_stage WHERE item_id IS NOT NULL ORDER BY ord"
+        ),
+        {"u": user_id},
+    )
+    session.execute(
+        text(
+            "INSERT INTO bookmark (item_id, user_id, url, canonical_url, domain, folder_path, "
+            "tags, description, added_at, import_job_id) SELECT item_id, :u, url, "
+            "canonical_url, domain, folder_path, tags, description, added_at, :job "
+            "FROM bookmark_stage WHERE item_id IS NOT NULL ORDER BY ord"
+        ),
+        {"u": user_id, "job": job_id},
+    )
+    new_ids = list(
+        session.execute(
+            text("SELECT item_id FROM bookmark_stage WHERE item_id IS NOT NULL ORDER BY ord")
+        ).scalars()
+    )
+    batches = [new_ids[i : i + batch_size] for i in range(0, len(new_ids), batch_size)]
+    for seq, ids in enumerate(batches):
+        session.execute(
+            text(
+                "INSERT INTO import_batch (import_job_id, user_id, seq, item_ids) "
+                "VALUES (:job, :u, :seq, :ids)"
+            ),
+            {"job": job_id, "u": user_id, "seq": seq, "ids": ids},
+        )
+    # ON COMMIT DROP covers the usual case; dropping now lets a caller stage twice in one
+    # transaction.
+    session.execute(text("DROP TABLE bookmark_stage"))
+    duplicates = export.duplicates_in_file + merged
+    skipped = sum(export.skipped.values())
+    finished = not batches
+    session.execute(
+        text(
+            "UPDATE import_job SET source_format = :fmt, total = :total, "
+            "processed = :processed, created_count = :created, duplicate_count = :dupes, "
+            "skipped_count = :skipped, skipped_reasons = CAST(:reasons AS jsonb), "
+            "status = CASE WHEN :finished THEN 'done' ELSE status END, "
+            "finished_at = CASE WHEN :finished THEN now() END, updated_at = now() "
+            "WHERE id = :job"
+        ),
+        {
+            "fmt": export.format,
+            "total": export.entries,
+            "processed": duplicates + skipped,
+            "created": len(new_ids),
+            "dupes": duplicates,
+            "skipped": skipped,
+            "reasons": _json(dict(export.skipped)),
+            "finished": finished,
+            "job": job_id,
+        },
+    )
+    return {
+        "created": len(new_ids),
+        "duplicates": duplicates,
+        "skipped": skipped,
+        "batches": len(batches),
+    }
+
+
+def _json(value: Any) -> str:
+    import json
+
+    return json.dumps(value)
+
+
+# --- the job -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobClaim:
+    job_id: int
+    user_id: str
+    filename: str
+    staged: bool  # batches exist: parsing is done, only embedding remains
+
+
+def claim_job(engine: Engine, job_id: int) -> JobClaim | None:
+    with session_scope(engine) as s:
+        row = s.execute(
+            text("SELECT user_id, filename, status FROM import_job WHERE id = :id FOR UPDATE"),
+            {"id": job_id},
+        ).first()
+        if row is None or row.status not in ("queued", "processing"):
+            return None
+        s.execute(
+            text(
+                "UPDATE import_job SET status = 'processing', attempts = attempts + 1, "
+                "started_at = coalesce(started_at, now()), updated_at = now() WHERE id = :id"
+            ),
+            {"id": job_id},
+        )
+        staged = s.execute(
+            text("SELECT EXISTS (SELECT 1 FROM import_batch WHERE import_job_id = :id)"),
+            {"id": job_id},
+        ).scalar_one()
+        return JobClaim(job_id, row.user_id, row.filename, bool(staged))
+
+
+def fail_job(engine: Engine, job_id: int, message: str) -> None:
+    with session_scope(engine) as s:
+        s.execute(
+            text(
+                "UPDATE import_job SET status = 'failed', error = :e, finished_at = now(), "
+                "updated_at = now() WHERE id = :id AND status IN ('queued', 'processing')"
+            ),
+            {"id": job_id, "e": message},
+        )
+
+
+def open_export(settings: Settings, filename: str) -> BinaryIO:
+    return open_source(
+        filename, upload_root=settings.upload_root, max_bytes=settings.max_bookmark_file_bytes
+    )
+
+
+def run_import(engine: Engine, settings: Settings, job_id: int) -> list[int]:
+    """Parse and stage a job (once); return the ids of its batches still to embed."""
+    claim = claim_job(engine, job_id)
+    if claim is None:
+        log.info("import job %s not processed: missing or finished", job_id)
+        return []
+    if not claim.staged:
+        try:
+            with open_export(settings, claim.filename) as fp:
+                export = read_export(fp, filename=claim.filename)
+        except PermanentError as exc:  # format, source, empty file
+            fail_job(engine, job_id, str(exc))
+            log.warning("import job %s failed: %s", job_id, exc)
+            return []
+        with session_scope(engine) as s:
+            summary = stage_import(
+                s, job_id, claim.user_id, export, batch_size=settings.bookmark_batch_size
+            )
+        log.info("import job %s staged: %s", job_id, summary)
+    return pending_batches(engine, job_id)
+
+
+def pending_batches(engine: Engine, job_id: int) -> list[int]:
+    with session_scope(engine) as s:
+        return list(
+            s.execute(
+                text(
+                    "SELECT id FROM import_batch WHERE import_job_id = :id "
+                    "AND status IN ('queued', 'processing') ORDER BY seq"
+                ),
+                {"id": job_id},
+            ).scalars()
+        )
+
+
+# --- a batch -----------------------------------------------------------------------------
+
+_WORDS = re.compile(r"[A-Za-z0-9]+")
+
+
+def bookmark_text(
+    title: str | None,
+    description: str | None,
+    tags: Sequence[str],
+    folder_path: Sequence[str],
+    domain: str | None,
+    url: str,
+) -> str:
+    """What is embedded for a bookmark: its title, description, tags, folders, domain and the
+    words of the URL path (``/wiki/Sourdough_bread`` → "wiki Sourdough bread")."""
+    try:
+        path_words = " ".join(_WORDS.findall(unquote(urlsplit(url).path)))
+    except ValueError:
+        path_words = ""
+    parts = [
+        title or "",
+        description or "",
+        ("tags: " + ", ".join(tags)) if tags else "",
+        ("folder: " + " / ".join(folder_path)) if folder_path else "",
+        domain or "",
+        path_words,
+    ]
+    return "\n".join(p.strip() for p in parts if p and p.strip())
+
+
+@dataclass(frozen=True)
+class BatchClaim:
+    batch_id: int
+    job_id: int
+    user_id: str
+    item_ids: list[int]
+    attempt: int
+    claimed_at: datetime
+
+
+def claim_batch(engine: Engine, batch_id: int, *, max_attempts: int) -> BatchClaim | None:
+    with session_scope(engine) as s:
+        row = s.execute(
+            text(
+                "SELECT b.import_job_id, b.user_id, b.item_ids, b.status, b.attempts, "
+                "j.status AS job_status FROM import_batch b "
+                "JOIN import_job j ON j.id = b.import_job_id WHERE b.id = :id FOR UPDATE OF b"
+            ),
+            {"id": batch_id},
+        ).first()
+        if row is None or row.status not in ("queued", "processing"):
+            return None
+        if row.job_status not in ("processing", "queued"):
+            return None  # paused, cancelled or failed: leave the batch staged
+        if row.attempts >= max_attempts:
+            _finish_batch(
+                s,
+                batch_id,
+                row.import_job_id,
+                len(row.item_ids),
+                failed=True,
+                error=f"gave up after {row.attempts} attempts",
+            )
+            return None
+        attempt, claimed_at = s.execute(
+            text(
+                "UPDATE import_batch SET status = 'processing', attempts = attempts + 1, "
+                "claimed_at = clock_timestamp(), updated_at = now() WHERE id = :id "
+                "RETURNING attempts, claimed_at"
+            ),
+            {"id": batch_id},
+        ).one()
+        return BatchClaim(
+            batch_id, row.import_job_id, row.user_id, list(row.item_ids), attempt, claimed_at
+        )
+
+
+@dataclass(frozen=True)
+class BatchRow:
+    item_id: int
+    text: str
+
+
+def load_batch(engine: Engine, claim: BatchClaim) -> list[BatchRow]:
+    with session_scope(engine) as s:
+        rows = s.execute(
+            text(
+                "SELECT i.id, i.title, b.url, b.domain, b.folder_path, b.tags, b.description "
+                "FROM item i JOIN bookmark b ON b.item_id = i.id "
+                "WHERE i.id = ANY(:ids) AND i.user_id = :u AND i.deleted_at IS NULL "
+                "ORDER BY i.id"
+            ),
+            {"ids": claim.item_ids, "u": claim.user_id},
+        ).all()
+    return [
+        BatchRow(
+            r.id, bookmark_text(r.title, r.description, r.tags, r.folder_path, r.domain, r.url)
+        )
+        for r in rows
+    ]
+
+
+def _finish_batch(
+    s: Session, batch_id: int, job_id: int, size: int, *, failed: bool, error: str | None = None
+) -> bool:
+    """Mark the batch, advance the job's counters and close the job after its last batch.
+    Returns True when this call finished the job."""
+    s.execute(
+        text("UPDATE import_batch SET status = :st, error = :e, updated_at = now() WHERE id = :id"),
+        {"st": "failed" if failed else "done", "e": error, "id": batch_id},
+    )
+    # Lock the job row: two batches ending together must not both miss the "last one".
+    s.execute(text("SELECT 1 FROM import_job WHERE id = :id FOR UPDATE"), {"id": job_id})
+    s.execute(
+        text(
+            "UPDATE import_job SET processed = processed + :n, "
+            "failed_count = failed_count + :f, updated_at = now() WHERE id = :id"
+        ),
+        {"n": size, "f": size if failed else 0, "id": job_id},
+    )
+    remaining = s.execute(
+        text(
+            "SELECT count(*) FROM import_batch WHERE import_job_id = :id "
+            "AND status IN ('queued', 'processing')"
+        ),
+        {"id": job_id},
+    ).scalar_one()
+    if remaining:
+        return False
+    s.execute(
+        text(
+            "UPDATE import_job SET status = 'done', finished_at = now(), updated_at = now() "
+            "WHERE id = :id AND status = 'processing'"
+        ),
+        {"id": job_id},
+    )
+    return True
+
+
+def write_batch(
+    engine: Engine,
+    claim: BatchClaim,
+    rows: Sequence[BatchRow],
+    vectors: dict[str, tuple[int, Sequence[Sequence[float]]]],
+) -> bool | None:
+    """Vectors, item statuses, batch and job counters in one transaction. Returns None when
+    the claim was lost (nothing written), else whether this batch finished the job."""
+    with session_scope(engine) as s:
+        current = s.execute(
+            text("SELECT status, attempts, claimed_at FROM import_batch WHERE id = :id FOR UPDATE"),
+            {"id": claim.batch_id},
+        ).first()
+        if current is None or (current.status, current.attempts, current.claimed_at) != (
+            "processing",
+            claim.attempt,
+            claim.claimed_at,
+        ):
+            return None
+        ids = [r.item_id for r in rows]
+        conn = s.connection()
+        for model, (dimensions, model_vectors) in vectors.items():
+            conn.execute(
+                text("DELETE FROM embedding WHERE item_id = ANY(:ids) AND model = :m"),
+                {"ids": ids, "m": model},
+            )
+            copy_embeddings(
+                conn,
+                (
+                    (
+                        r.item_id,
+                        None,
+                        claim.user_id,
+                        EmbeddedChunk(0, r.text, list(v), {"kind": "bookmark"}),
+                    )
+                    for r, v in zip(rows, model_vectors, strict=True)
+                ),
+                model=model,
+                dimensions=dimensions,
+            )
+        s.execute(
+            text(
+                "UPDATE item SET status = 'done', error = NULL, processed_at = now(), "
+                "updated_at = now() WHERE id = ANY(:ids) AND user_id = :u"
+            ),
+            {"ids": ids, "u": claim.user_id},
+        )
+        return _finish_batch(s, claim.batch_id, claim.job_id, len(claim.item_ids), failed=False)
+
+
+def fail_batch(engine: Engine, batch_id: int, message: str) -> None:
+    with session_scope(engine) as s:
+        row = s.execute(
+            text(
+                "SELECT import_job_id, item_ids, status FROM import_batch WHERE id = :id FOR UPDATE"
+            ),
+            {"id": batch_id},
+        ).first()
+        if row is None or row.status not in ("queued", "processing"):
+            return
+        s.execute(
+            text(
+                "UPDATE item SET status = 'failed', error = :e, updated_at = now() "
+                "WHERE id = ANY(:ids) AND status IN ('queued', 'processing')"
+            ),
+            {"ids": list(row.item_ids), "e": message},
+        )
+        _finish_batch(s, batch_id, row.import_job_id, len(row.item_ids), failed=True, error=message)
+
+
+def embed_batch(engine: Engine, settings: Settings, batch_id: int) -> dict[str, Any]:
+    """Embed one staged batch with every active/backfilling model and write it."""
+    from worker.ingest.process import model_targets
+
+    claim = claim_batch(engine, batch_id, max_attempts=settings.max_attempts)
+    if claim is None:
+        return {"batch_id": batch_id, "status": "skipped"}
+    rows = load_batch(engine, claim)
+    texts = [r.text for r in rows]
+    vectors: dict[str, tuple[int, Sequence[Sequence[float]]]] = {}
+    for target in model_targets(engine, settings):
+        encoded: Sequence[Sequence[float]] = list(target.embedder.encode(texts)) if texts else []
+        vectors[target.name] = (target.dimensions, encoded)
+    finished = write_batch(engine, claim, rows, vectors)
+    status = "stale" if finished is None else "done"
+    return {
+        "batch_id": batch_id,
+        "job_id": claim.job_id,
+        "status": status,
+        "items": len(rows),
+        "job_finished": bool(finished),
+    }

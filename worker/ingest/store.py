@@ -1,0 +1,294 @@
+"""Every write of the upload pipeline, each in its own short transaction.
+
+The protocol (DESIGN sections 1.2-1.4): ``claim_upload`` marks the item ``processing`` and bumps
+``attempts`` (the claim is that attempt number); nothing is held open while the model runs;
+``write_upload`` locks the item row, checks that the claim still holds (no later claim took
+over, the item was not deleted), and replaces analysis + vectors + status in one
+transaction. A crash at any point leaves the old complete state or the new one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+from sqlalchemy import Connection, Engine, text
+from sqlalchemy.orm import Session
+
+from worker.db.engine import session_scope
+from worker.ingest.types import AnalysisResult, EmbeddedChunk
+
+log = logging.getLogger(__name__)
+
+EMBEDDING_COPY = (
+    "COPY embedding (item_id, analysis_id, user_id, chunk_index, content, embedding, model, "
+    "dimensions, source) FROM STDIN (FORMAT BINARY)"
+)
+EMBEDDING_TYPES = ["int8", "int8", "text", "int4", "text", "vector", "text", "int4", "jsonb"]
+
+
+@dataclass(frozen=True)
+class Claim:
+    item_id: int
+    user_id: str
+    attempt: int
+    claimed_at: datetime  # with ``attempt``, identifies this claim even if attempts reset
+    file_path: str
+    content_sha256: str | None
+
+
+@dataclass(frozen=True)
+class ClaimResult:
+    """``claim`` is set when this worker now owns the item; otherwise ``reason`` says why
+    not: 'missing' (no such item), 'finished' (done/failed/skipped/deleted: a redelivered
+    message), 'exhausted' (too many attempts: now failed)."""
+
+    claim: Claim | None
+    reason: str | None = None
+
+
+def claim_upload(engine: Engine, item_id: int, *, max_attempts: int) -> ClaimResult:
+    with session_scope(engine) as s:
+        row = s.execute(
+            text(
+                "SELECT i.user_id, i.status, i.attempts, i.deleted_at, i.content_sha256, "
+                "u.file_path FROM item i JOIN upload u ON u.item_id = i.id "
+                "WHERE i.id = :id AND i.kind = 'upload' FOR UPDATE OF i"
+            ),
+            {"id": item_id},
+        ).first()
+        if row is None:
+            return ClaimResult(None, "missing")
+        if row.deleted_at is not None or row.status not in ("queued", "processing"):
+            return ClaimResult(None, "finished")
+        if row.attempts >= max_attempts:
+            _set_failed(
+                s,
+                item_id,
+                row.attempts,
+                f"gave up after {row.attempts} attempts (the worker died or timed out each "
+                "time); check the worker logs, then `worker retry` the item",
+            )
+            return ClaimResult(None, "exhausted")
+        attempt, claimed_at = s.execute(
+            text(
+                "UPDATE item SET status = 'processing', attempts = attempts + 1, "
+                "claimed_at = clock_timestamp(), updated_at = now() WHERE id = :id "
+                "RETURNING attempts, claimed_at"
+            ),
+            {"id": item_id},
+        ).one()
+        return ClaimResult(
+            Claim(item_id, row.user_id, attempt, claimed_at, row.file_path, row.content_sha256)
+        )
+
+
+def _lock_if_claimed(s: Session, claim: Claim) -> bool:
+    """Lock the item and report whether ``claim`` is still the current one."""
+    row = s.execute(
+        text("SELECT status, attempts, claimed_at, deleted_at FROM item WHERE id = :id FOR UPDATE"),
+        {"id": claim.item_id},
+    ).first()
+    return (
+        row is not None
+        and row.deleted_at is None
+        and row.status == "processing"
+        and row.attempts == claim.attempt
+        and row.claimed_at == claim.claimed_at
+    )
+
+
+def _set_failed(
+    s: Session, item_id: int, attempt: int, message: str, *, skip: bool = False
+) -> None:
+    s.execute(
+        text(
+            "UPDATE item SET status = :status, error = :error, processed_at = now(), "
+            "updated_at = now() WHERE id = :id AND attempts = :attempt"
+        ),
+        {
+            "status": "skipped" if skip else "failed",
+            "error": message,
+            "id": item_id,
+            "attempt": attempt,
+        },
+    )
+
+
+def mark_failed(engine: Engine, claim: Claim, message: str, *, skip: bool = False) -> bool:
+    """Record a permanent failure (or a skip) if the claim still holds."""
+    with session_scope(engine) as s:
+        if not _lock_if_claimed(s, claim):
+            return False
+        _set_failed(s, claim.item_id, claim.attempt, message, skip=skip)
+        return True
+
+
+def fail_item(engine: Engine, item_id: int, message: str) -> None:
+    """Fail an item whatever its claim (retries exhausted, time limit hit)."""
+    with session_scope(engine) as s:
+        s.execute(
+            text(
+                "UPDATE item SET status = 'failed', error = :error, processed_at = now(), "
+                "updated_at = now() WHERE id = :id AND status IN ('queued', 'processing')"
+            ),
+            {"id": item_id, "error": message},
+        )
+
+
+def is_unchanged(
+    engine: Engine, claim: Claim, sha256: str, *, provider: str, model: str, models: Sequence[str]
+) -> bool:
+    """Same bytes, same analyzer, vectors present for every model: nothing to recompute."""
+    if claim.content_sha256 != sha256:
+        return False
+    with session_scope(engine) as s:
+        row = s.execute(
+            text(
+                "SELECT a.provider, a.model, a.content_sha256 FROM analysis a "
+                "WHERE a.item_id = :id AND a.user_id = :u ORDER BY a.version DESC LIMIT 1"
+            ),
+            {"id": claim.item_id, "u": claim.user_id},
+        ).first()
+        if row is None or (row.provider, row.model, row.content_sha256) != (
+            provider,
+            model,
+            sha256,
+        ):
+            return False
+        have = set(
+            s.execute(
+                text("SELECT DISTINCT model FROM embedding WHERE item_id = :id AND user_id = :u"),
+                {"id": claim.item_id, "u": claim.user_id},
+            ).scalars()
+        )
+    return set(models) <= have
+
+
+def mark_done_unchanged(engine: Engine, claim: Claim) -> bool:
+    with session_scope(engine) as s:
+        if not _lock_if_claimed(s, claim):
+            return False
+        s.execute(
+            text(
+                "UPDATE item SET status = 'done', error = NULL, processed_at = now(), "
+                "updated_at = now() WHERE id = :id"
+            ),
+            {"id": claim.item_id},
+        )
+        return True
+
+
+def psycopg_connection(conn: Connection) -> psycopg.Connection[Any]:
+    """The psycopg 3 connection under a SQLAlchemy one, for COPY (same transaction)."""
+    raw = conn.connection.dbapi_connection
+    if not isinstance(raw, psycopg.Connection):
+        raise TypeError("the database driver must be psycopg 3 (postgresql+psycopg://)")
+    return raw
+
+
+def copy_embeddings(
+    conn: Connection,
+    rows: Iterable[tuple[int, int | None, str, EmbeddedChunk]],
+    *,
+    model: str,
+    dimensions: int,
+) -> int:
+    """Binary COPY of vectors (about 5x executemany here); ``rows`` are (item_id, analysis_id,
+    user_id, chunk). Runs inside the caller's transaction."""
+    import numpy as np
+
+    count = 0
+    with psycopg_connection(conn).cursor() as cur, cur.copy(EMBEDDING_COPY) as copy:
+        copy.set_types(EMBEDDING_TYPES)
+        for item_id, analysis_id, user_id, chunk in rows:
+            copy.write_row(
+                (
+                    item_id,
+                    analysis_id,
+                    user_id,
+                    chunk.chunk_index,
+                    chunk.content.replace("\x00", ""),
+                    np.asarray(chunk.vector, dtype=np.float32),
+                    model,
+                    dimensions,
+                    Jsonb(chunk.source),
+                )
+            )
+            count += 1
+    return count
+
+
+def write_upload(
+    engine: Engine,
+    claim: Claim,
+    *,
+    sha256: str,
+    title: str,
+    analysis: AnalysisResult,
+    trace_id: str | None,
+    vectors: Mapping[str, tuple[int, Sequence[EmbeddedChunk]]],
+) -> bool:
+    """Analysis version n+1, this item's vectors replaced per model, status done — in one
+    transaction. Returns False (writing nothing) when the claim no longer holds."""
+    with session_scope(engine) as s:
+        if not _lock_if_claimed(s, claim):
+            log.info("claim %s of item %s lost; discarding result", claim.attempt, claim.item_id)
+            return False
+        analysis_id = insert_analysis(s, claim, analysis, sha256=sha256, trace_id=trace_id)
+        conn = s.connection()
+        for model, (dimensions, chunks) in vectors.items():
+            conn.execute(
+                text("DELETE FROM embedding WHERE item_id = :id AND model = :model"),
+                {"id": claim.item_id, "model": model},
+            )
+            copy_embeddings(
+                conn,
+                ((claim.item_id, analysis_id, claim.user_id, c) for c in chunks),
+                model=model,
+                dimensions=dimensions,
+            )
+        s.execute(
+            text(
+                "UPDATE item SET status = 'done', error = NULL, title = :title, "
+                "content_sha256 = :sha, processed_at = now(), updated_at = now() WHERE id = :id"
+            ),
+            {"id": claim.item_id, "title": title or None, "sha": sha256},
+        )
+        return True
+
+
+def insert_analysis(
+    s: Session, claim: Claim, result: AnalysisResult, *, sha256: str, trace_id: str | None
+) -> int:
+    params: dict[str, Any] = {
+        "item_id": claim.item_id,
+        "user_id": claim.user_id,
+        "title": result.title or None,
+        "summary": result.summary,
+        "category": result.category,
+        "keywords": list(result.keywords),
+        "language": result.language,
+        "word_count": result.word_count,
+        "sha": sha256,
+        "raw": Jsonb(result.raw_response),
+        "provider": result.provider,
+        "model": result.model,
+        "trace_id": trace_id,
+    }
+    analysis_id: int = s.execute(
+        text(
+            "INSERT INTO analysis (item_id, user_id, version, title, summary, category, keywords,"
+            " language, word_count, content_sha256, raw_response, provider, model, trace_id) "
+            "SELECT :item_id, :user_id, coalesce(max(version), 0) + 1, :title, :summary, "
+            ":category, :keywords, :language, :word_count, :sha, :raw, :provider, :model, "
+            ":trace_id FROM analysis WHERE item_id = :item_id RETURNING id"
+        ),
+        params,
+    ).scalar_one()
+    return analysis_id
