@@ -5,14 +5,20 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import click
 
 from worker.config import get_settings
 from worker.errors import WorkerError
+from worker.render import table as _table
+
+if TYPE_CHECKING:
+    from worker.search import Mode
 
 
 def _settings_env() -> None:
@@ -24,18 +30,6 @@ def _settings_env() -> None:
     for key, value in services.env(settings).items():
         os.environ.setdefault(key, value)
     get_settings.cache_clear()
-
-
-def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
-    if not rows:
-        return "(none)"
-    cols = list(columns or rows[0].keys())
-    cells = [[("" if r.get(c) is None else str(r.get(c))) for c in cols] for r in rows]
-    widths = [min(60, max(len(c), *(len(row[i]) for row in cells))) for i, c in enumerate(cols)]
-    fmt = "  ".join(f"{{:<{w}.{w}}}" for w in widths)
-    lines = [fmt.format(*cols), fmt.format(*("-" * w for w in widths))]
-    lines += [fmt.format(*row) for row in cells]
-    return "\n".join(lines)
 
 
 def _echo_json(data: Any) -> None:
@@ -283,6 +277,179 @@ def db_restore(file: Path) -> None:
     click.echo(f"restored {file}")
 
 
+# --- producers' side ---------------------------------------------------------------------
+
+
+def _progress_line(done: int, total: int, started: float, label: str) -> str:
+    elapsed = max(time.monotonic() - started, 1e-6)
+    rate = done / elapsed
+    eta = (total - done) / rate if rate and total > done else 0.0
+    width = 30
+    filled = int(width * done / total) if total else width
+    bar = "#" * filled + "-" * (width - filled)
+    return f"\r{label} [{bar}] {done}/{total}  {rate:6.1f}/s  ETA {eta:5.0f}s"
+
+
+def _walk(paths: Sequence[Path]) -> list[Path]:
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*") if p.is_file()))
+        else:
+            files.append(path)
+    return files
+
+
+@cli.group()
+def enqueue() -> None:
+    """Queue work as a producer would."""
+
+
+@enqueue.command("upload")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--user", "user_id", required=True, help="The owner of the items.")
+@click.option("--wait", is_flag=True, help="Show progress until done, then a summary.")
+@click.option("--timeout", default=3600.0, show_default=True)
+def enqueue_upload_cmd(paths: tuple[Path, ...], user_id: str, wait: bool, timeout: float) -> None:
+    """Queue files (directories are walked) that already lie under UPLOAD_ROOT."""
+    from worker import client
+
+    item_ids: list[int] = []
+    for path in _walk([p.absolute() for p in paths]):
+        try:
+            item_ids.append(client.enqueue_upload(user_id, path))
+        except WorkerError as exc:
+            click.echo(f"skipped {path}: {exc}", err=True)
+    click.echo(f"queued {len(item_ids)} item(s): {', '.join(map(str, item_ids))}")
+    if not wait or not item_ids:
+        return
+    started = time.monotonic()
+    deadline = started + timeout
+    while True:
+        counts = client.wait_for_items(user_id, item_ids, timeout=0)
+        pending = counts.get("queued", 0) + counts.get("processing", 0)
+        done = len(item_ids) - pending
+        click.echo(_progress_line(done, len(item_ids), started, "items"), nl=False)
+        if not pending or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    click.echo()
+    rows = [client.item_status(user_id, i) or {"id": i} for i in item_ids]
+    click.echo(_table(rows, ["id", "status", "title", "chunks", "analysis_version", "error"]))
+
+
+@cli.group("import")
+def import_group() -> None:
+    """Bookmark imports."""
+
+
+@import_group.command("bookmarks")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--user", "user_id", required=True)
+@click.option("--wait", is_flag=True, help="Show progress (rate, ETA) and a summary.")
+@click.option("--timeout", default=24 * 3600.0, show_default=True)
+def import_bookmarks_cmd(file: Path, user_id: str, wait: bool, timeout: float) -> None:
+    """Import a bookmark export (Netscape HTML from any browser, Pinboard JSON, CSV)."""
+    from worker import client
+
+    job_id = client.import_bookmarks(user_id, file.absolute())
+    click.echo(f"import job {job_id} queued")
+    if wait:
+        _wait_import(user_id, job_id, timeout)
+
+
+def _wait_import(user_id: str, job_id: int, timeout: float) -> None:
+    from worker import client
+
+    deadline = time.monotonic() + timeout
+    while True:
+        p = client.import_status(user_id, job_id)
+        if p is None:
+            raise click.ClickException(f"no import job {job_id} for user {user_id}")
+        rate = f"{p.rate_per_s:7.1f}/s" if p.rate_per_s else "      -/s"
+        eta = f"ETA {p.eta_s:5.0f}s" if p.eta_s is not None else "ETA     -"
+        bar_total = max(p.total, 1)
+        filled = int(30 * min(p.processed, bar_total) / bar_total)
+        click.echo(
+            f"\r{p.status:<10} [{'#' * filled}{'-' * (30 - filled)}] "
+            f"{p.processed}/{p.total} {rate} {eta}",
+            nl=False,
+        )
+        if p.finished or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    click.echo()
+    summary = {
+        "status": p.status,
+        "format": p.source_format,
+        "entries": p.total,
+        "created": p.created,
+        "duplicates": p.duplicates,
+        "skipped": p.skipped,
+        "failed": p.failed,
+    }
+    click.echo(_table([summary]))
+    if p.skipped_reasons:
+        click.echo(
+            "skipped by reason: " + ", ".join(f"{k}={v}" for k, v in p.skipped_reasons.items())
+        )
+    if p.error:
+        click.echo(f"error: {p.error}")
+
+
+@cli.command("status")
+@click.option("--user", "user_id", default=None, help="Needed with --item / --job.")
+@click.option("--item", "item_id", type=int, default=None)
+@click.option("--job", "job_id", type=int, default=None)
+def status_cmd(user_id: str | None, item_id: int | None, job_id: int | None) -> None:
+    """One item's or import's status (with --user), else a summary of queues and items."""
+    from worker import client
+
+    if item_id is not None or job_id is not None:
+        if not user_id:
+            raise click.UsageError("--user is required with --item or --job")
+        if item_id is not None:
+            st = client.item_status(user_id, item_id)
+            if st is None:
+                raise click.ClickException(f"no item {item_id} for user {user_id}")
+            _echo_json(st)
+        if job_id is not None:
+            p = client.import_status(user_id, job_id)
+            if p is None:
+                raise click.ClickException(f"no import job {job_id} for user {user_id}")
+            _echo_json(p.__dict__)
+        return
+    from worker.status import overview
+
+    click.echo(overview())
+
+
+@cli.command("search")
+@click.argument("query")
+@click.option("--user", "user_id", required=True)
+@click.option("--mode", type=click.Choice(["hybrid", "semantic", "text"]), default="hybrid")
+@click.option("--limit", default=10, show_default=True)
+def search_cmd(query: str, user_id: str, mode: str, limit: int) -> None:
+    """Search one user's items."""
+    from worker import search
+    from worker.db.engine import session_scope
+
+    with session_scope() as session:
+        hits = search.search(session, user_id, query, mode=cast(Mode, mode), limit=limit)
+    rows = [
+        {
+            "rank": rank,
+            "score": f"{hit.score:.3f}",
+            "kind": hit.kind,
+            "title": hit.title,
+            "where": hit.url or "",
+            "snippet": (hit.snippet or "").replace("\n", " ")[:80],
+        }
+        for rank, hit in enumerate(hits, 1)
+    ]
+    click.echo(_table(rows))
+
+
 # --- demo ----------------------------------------------------------------------------------
 
 
@@ -297,6 +464,9 @@ def demo_cmd() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # platformdirs (under Celery) warns on every start when XDG_RUNTIME_DIR is unset, as it
+    # is for root shells and services; nothing here uses that directory.
+    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
     try:
         cli.main(args=list(argv) if argv is not None else None, standalone_mode=False)
     except click.exceptions.Exit as exc:

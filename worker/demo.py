@@ -101,7 +101,7 @@ def run_demo(echo: Callable[[str], None]) -> None:
     try:
         health = _wait_health(proc, log_path)
         echo(f"   worker healthy: pid {health['pid']} on {health['hostname']}")
-        demo_dir = settings.upload_root / "demo"
+        demo_dir = settings.upload_root.resolve() / "demo"
         demo_dir.mkdir(parents=True, exist_ok=True)
         for sample in SAMPLES.iterdir():
             shutil.copyfile(sample, demo_dir / sample.name)

@@ -1,0 +1,19 @@
+"""Plain aligned text tables for the CLI (no dependency: the output must read well in any
+terminal and in logs)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    if not rows:
+        return "(none)"
+    cols = list(columns or rows[0].keys())
+    cells = [[("" if r.get(c) is None else str(r.get(c))) for c in cols] for r in rows]
+    widths = [min(60, max(len(c), *(len(row[i]) for row in cells))) for i, c in enumerate(cols)]
+    fmt = "  ".join(f"{{:<{w}.{w}}}" for w in widths)
+    lines = [fmt.format(*cols), fmt.format(*("-" * w for w in widths))]
+    lines += [fmt.format(*row) for row in cells]
+    return "\n".join(lines)

@@ -1,0 +1,65 @@
+"""A one-screen view of the system for `worker status`: queues, items, imports, upkeep."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import text
+
+from worker.config import Settings, get_settings
+from worker.db.engine import session_scope
+from worker.render import table
+
+
+def queue_depths(settings: Settings) -> dict[str, int | str]:
+    """Messages waiting per queue (Redis lists named after the queues)."""
+    import redis
+
+    try:
+        conn = redis.Redis.from_url(settings.celery_broker_url, socket_timeout=2)
+        return {
+            q: int(conn.llen(q))
+            for q in (settings.queue_ingest, settings.queue_imports, settings.queue_maintenance)
+        }
+    except redis.RedisError as exc:
+        return {"error": f"redis unreachable: {exc.__class__.__name__}"}
+
+
+def _rows(sql: str) -> list[dict[str, Any]]:
+    with session_scope() as s:
+        return [dict(r._mapping) for r in s.execute(text(sql))]
+
+
+def snapshot(settings: Settings | None = None) -> dict[str, Any]:
+    settings = settings or get_settings()
+    return {
+        "queues": queue_depths(settings),
+        "items_last_hour": _rows(
+            "SELECT kind, status, count(*) AS n FROM item "
+            "WHERE updated_at > now() - interval '1 hour' GROUP BY 1, 2 ORDER BY 1, 2"
+        ),
+        "imports_running": _rows(
+            "SELECT id, user_id, status, processed, total, "
+            "round(100.0 * processed / greatest(total, 1), 1) AS pct, "
+            "round((processed / greatest(extract(epoch FROM now() - started_at), 1))::numeric, 1)"
+            " AS per_s FROM import_job WHERE status IN ('queued', 'processing', 'paused') "
+            "ORDER BY id"
+        ),
+        "recent_failures": _rows(
+            "SELECT id, user_id, kind, left(error, 90) AS error, updated_at FROM item "
+            "WHERE status = 'failed' ORDER BY updated_at DESC LIMIT 5"
+        ),
+        "maintenance": _rows(
+            "SELECT kind, target, status, started_at, "
+            "round(extract(epoch FROM finished_at - started_at)::numeric, 2) AS seconds "
+            "FROM maintenance_run ORDER BY started_at DESC LIMIT 5"
+        ),
+    }
+
+
+def overview(settings: Settings | None = None) -> str:
+    data = snapshot(settings)
+    parts = ["queues: " + ", ".join(f"{k}={v}" for k, v in data["queues"].items())]
+    for key in ("items_last_hour", "imports_running", "recent_failures", "maintenance"):
+        parts.append(f"\n{key.replace('_', ' ')}:\n{table(data[key])}")
+    return "\n".join(parts)
