@@ -5,15 +5,13 @@ per-test transactions rolled back, and a real Celery worker process on demand.""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from worker.subprocess_worker import WorkerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_DB = os.environ.get("TEST_DB_NAME", "worker_test")
@@ -106,63 +104,6 @@ def user_id() -> str:
     return f"user-{uuid.uuid4().hex[:10]}"
 
 
-class WorkerProcess:
-    """A real `celery worker` subprocess on the test Redis and database."""
-
-    def __init__(self, env: dict[str, str], log_path: Path, queues: str, concurrency: int):
-        self.log_path = log_path
-        self.env = env
-        self.queues = queues
-        self.concurrency = concurrency
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "worker.app",
-                "worker",
-                "--loglevel",
-                "INFO",
-                "-Q",
-                self.queues,
-                "--concurrency",
-                str(self.concurrency),
-                "--without-mingle",
-                "--without-gossip",
-                "--hostname",
-                f"test-{uuid.uuid4().hex[:6]}@%h",
-            ],
-            env=self.env,
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Kill the whole process group (the main process and its prefork children)."""
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
-            self.proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
 @pytest.fixture(scope="session")
 def worker_env(service_urls: dict[str, str]) -> dict[str, str]:
     env = dict(os.environ)
@@ -177,33 +118,11 @@ def celery_worker(
     worker_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[WorkerProcess]:
     """One real worker for the session, consuming every queue; waits until it answers."""
-    from worker.app import app
-
     worker = WorkerProcess(
-        worker_env,
-        tmp_path_factory.mktemp("worker") / "worker.log",
-        "ingest,imports,maintenance",
-        1,
-    )
-    worker.start()
+        tmp_path_factory.mktemp("worker") / "worker.log", env=worker_env, name="test"
+    ).start()
     try:
-        wait_for_worker(app, worker)
+        worker.wait_ready()
         yield worker
     finally:
         worker.stop()
-
-
-def wait_for_worker(app, worker: WorkerProcess, timeout: float = 90) -> dict[str, object]:  # type: ignore[no-untyped-def]
-    from worker.app import TASK_HEALTH
-
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        if worker.proc and worker.proc.poll() is not None:
-            raise RuntimeError(f"worker exited early:\n{worker.log()[-4000:]}")
-        try:
-            result: dict[str, object] = app.send_task(TASK_HEALTH).get(timeout=10)
-            return result
-        except Exception as exc:
-            last = exc
-    raise RuntimeError(f"worker did not answer in {timeout}s ({last}):\n{worker.log()[-4000:]}")

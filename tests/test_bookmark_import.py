@@ -173,7 +173,6 @@ def test_unrecognised_file_fails_the_job_with_a_message(
 def test_worker_killed_mid_import_resumes_with_every_bookmark_once(
     celery_worker, upload_root: Path, user_id: str, engine
 ) -> None:  # type: ignore[no-untyped-def]
-    from conftest import wait_for_worker
 
     from worker.app import app
     from worker.config import get_settings
@@ -192,7 +191,7 @@ def test_worker_killed_mid_import_resumes_with_every_bookmark_once(
         time.sleep(0.2)
     celery_worker.kill(signal.SIGKILL)
     celery_worker.start()
-    wait_for_worker(app, celery_worker)
+    celery_worker.wait_ready()
     # The killed worker's unacknowledged message waits for Redis' visibility timeout; the
     # requeue task finds the stuck batch in the database and sends it again at once.
     settings = get_settings().model_copy(update={"stuck_after_seconds": 1})

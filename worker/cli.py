@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -162,7 +163,8 @@ def beat_cmd() -> None:
     advisory lock, so a second beat is harmless, only wasteful)."""
     from worker.app import app
 
-    app.start(["beat", "--loglevel", get_settings().log_level])
+    schedule = Path(tempfile.gettempdir()) / "worker-celerybeat-schedule"
+    app.start(["beat", "--loglevel", get_settings().log_level, "--schedule", str(schedule)])
 
 
 # --- database ------------------------------------------------------------------------------
@@ -225,6 +227,15 @@ def db_reset(yes: bool) -> None:
 
     ops.reset(get_settings(), get_engine())
     click.echo("database reset and migrated to head")
+
+
+@db.command("seed")
+@click.option("--user", "user_id", default="demo-user", show_default=True)
+def db_seed(user_id: str) -> None:
+    """A small demo user's data, through the real pipeline (in this process)."""
+    from worker.demo import seed
+
+    _echo_json(seed(user_id))
 
 
 @db.command("verify")

@@ -51,22 +51,24 @@ class Settings(BaseSettings):
         None, description="Celery result backend; defaults to REDIS_URL."
     )
     db_echo: bool = Field(False, description="Log every SQL statement.")
-    db_pool_size: int = Field(5, ge=1, le=100)
-    db_max_overflow: int = Field(5, ge=0, le=100)
+    db_pool_size: int = Field(5, ge=1, le=100, description="Connections kept per process.")
+    db_max_overflow: int = Field(5, ge=0, le=100, description="Extra connections under load.")
     db_pool_recycle: int = Field(1800, ge=-1, description="Seconds before a connection is renewed.")
-    db_pool_pre_ping: bool = True
+    db_pool_pre_ping: bool = Field(True, description="Test a pooled connection before use.")
     db_statement_timeout_ms: int = Field(
         0, ge=0, description="statement_timeout for worker sessions (0 = off)."
     )
 
     # --- uploads -------------------------------------------------------------------------
     upload_root: Path = Field(Path(".data/uploads"), description="Only files under it are read.")
-    max_upload_bytes: int = Field(50 * 1024 * 1024, ge=1)
+    max_upload_bytes: int = Field(50 * 1024 * 1024, ge=1, description="Larger uploads fail.")
     max_decompressed_bytes: int = Field(
         200 * 1024 * 1024, ge=1, description="Cap on a DOCX's unpacked size (zip bombs)."
     )
-    max_json_depth: int = Field(64, ge=1)
-    max_bookmark_file_bytes: int = Field(500 * 1024 * 1024, ge=1)
+    max_json_depth: int = Field(64, ge=1, description="Deeper JSON uploads fail.")
+    max_bookmark_file_bytes: int = Field(
+        500 * 1024 * 1024, ge=1, description="Larger bookmark exports fail."
+    )
 
     # --- model and pipeline --------------------------------------------------------------
     model_name: str = Field(DEFAULT_MODEL, description="Embedding model registered at start.")
@@ -79,9 +81,12 @@ class Settings(BaseSettings):
         None, ge=1, description="torch threads per worker process; default cores / concurrency."
     )
     chunk_max_tokens: int = Field(254, ge=16, description="Tokens per chunk (model max - 2).")
-    chunk_overlap_tokens: int = Field(32, ge=0)
-    analysis_provider: Literal["local", "openai", "off"] = "local"
+    chunk_overlap_tokens: int = Field(32, ge=0, description="Tokens repeated between chunks.")
+    analysis_provider: Literal["local", "openai", "off"] = Field(
+        "local", description="local (offline, reuses the vectors), openai (compatible API), off."
+    )
     analysis_labels: list[str] = Field(
+        description="Zero-shot categories (a JSON list).",
         default_factory=lambda: [
             "technology",
             "science",
@@ -95,25 +100,27 @@ class Settings(BaseSettings):
             "travel",
             "food",
             "other",
-        ]
+        ],
     )
-    openai_base_url: str | None = None
-    openai_model: str | None = None
-    openai_api_key: SecretStr | None = None
-    openai_timeout: float = Field(30.0, gt=0)
+    openai_base_url: str | None = Field(None, description="e.g. http://localhost:11434/v1.")
+    openai_model: str | None = Field(None, description="Model name at that API.")
+    openai_api_key: SecretStr | None = Field(None, description="Never logged or printed.")
+    openai_timeout: float = Field(30.0, gt=0, description="Seconds; then the local analyzer.")
     bookmark_batch_size: int = Field(256, ge=1, le=10000, description="Bookmarks per embed task.")
 
     # --- celery --------------------------------------------------------------------------
-    queue_ingest: str = "ingest"
-    queue_imports: str = "imports"
-    queue_maintenance: str = "maintenance"
-    worker_concurrency: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    queue_ingest: str = Field("ingest", description="Uploads and bookmark embedding batches.")
+    queue_imports: str = Field("imports", description="Bookmark export parsing.")
+    queue_maintenance: str = Field("maintenance", description="Upkeep from beat.")
+    worker_concurrency: int = Field(
+        default_factory=lambda: os.cpu_count() or 1, ge=1, description="Prefork processes."
+    )
     task_soft_time_limit: int = Field(600, ge=1, description="Seconds; then the item fails.")
     task_time_limit: int = Field(660, ge=1, description="Hard kill after this many seconds.")
     visibility_timeout: int = Field(
         3600, ge=60, description="Redis redelivery delay; must exceed the hard time limit."
     )
-    task_max_retries: int = Field(8, ge=0)
+    task_max_retries: int = Field(8, ge=0, description="Retries of a transient failure.")
     retry_backoff_max: int = Field(300, ge=1, description="Cap of the retry delay, seconds.")
     max_attempts: int = Field(5, ge=1, description="Claims of one item before it is failed.")
     worker_max_memory_per_child: int = Field(
@@ -122,25 +129,25 @@ class Settings(BaseSettings):
 
     # --- beat ----------------------------------------------------------------------------
     beat_requeue_interval: float = Field(60.0, ge=0, description="Seconds; 0 switches it off.")
-    beat_index_interval: float = Field(3600.0, ge=0)
-    beat_vacuum_interval: float = Field(86400.0, ge=0)
-    beat_stats_interval: float = Field(3600.0, ge=0)
-    beat_purge_interval: float = Field(86400.0, ge=0)
+    beat_index_interval: float = Field(3600.0, ge=0, description="Index upkeep, seconds.")
+    beat_vacuum_interval: float = Field(86400.0, ge=0, description="VACUUM/ANALYZE, seconds.")
+    beat_stats_interval: float = Field(3600.0, ge=0, description="Statistics snapshot, seconds.")
+    beat_purge_interval: float = Field(86400.0, ge=0, description="Purge of deleted rows, seconds.")
     stuck_after_seconds: int = Field(900, ge=1, description="queued/processing this long = stuck.")
-    purge_after_days: int = Field(30, ge=0)
-    recall_target: float = Field(0.95, gt=0, le=1)
+    purge_after_days: int = Field(30, ge=0, description="Soft-deleted rows kept this long.")
+    recall_target: float = Field(0.95, gt=0, le=1, description="Rebuild an index below it.")
     exact_search_max_rows: int = Field(
         5000, ge=0, description="Tenants with fewer vectors are searched exactly."
     )
 
     # --- logging -------------------------------------------------------------------------
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Level.")
+    log_format: Literal["text", "json"] = Field("text", description="text or JSON lines.")
 
     # --- embedded services (demo, development, tests) ------------------------------------
     data_dir: Path = Field(Path(".data"), description="Embedded PostgreSQL and Redis data.")
-    pg_port: int = Field(54329, ge=1, le=65535)
-    redis_port: int = Field(63799, ge=1, le=65535)
+    pg_port: int = Field(54329, ge=1, le=65535, description="Embedded PostgreSQL port.")
+    redis_port: int = Field(63799, ge=1, le=65535, description="Embedded Redis port.")
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -6,17 +6,14 @@ bookmark export processed → a hybrid search over the results → the worker st
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from worker.config import get_settings
+from worker.subprocess_worker import WorkerProcess
 
 if TYPE_CHECKING:
     from worker.client import ImportProgress
@@ -26,58 +23,53 @@ DEMO_USER = "demo-user"
 QUERIES = ("how do solar panels make electricity", "bread baking with wild yeast")
 
 
-def _start_worker(log_path: Path) -> subprocess.Popen[bytes]:
+def copy_samples(upload_root: Path) -> Path:
+    demo_dir = upload_root.resolve() / "demo"
+    demo_dir.mkdir(parents=True, exist_ok=True)
+    for sample in SAMPLES.iterdir():
+        shutil.copyfile(sample, demo_dir / sample.name)
+    return demo_dir
+
+
+def seed(user_id: str = DEMO_USER) -> dict[str, object]:
+    """A small user's data through the real pipeline, in this process (no broker needed):
+    the sample uploads and bookmark export, parsed, analysed, embedded and stored."""
+    from sqlalchemy import text
+
+    from worker.bookmarks import importer
+    from worker.db import queries
+    from worker.db.engine import get_engine, session_scope
+    from worker.ingest.process import process_upload
+
     settings = get_settings()
-    queues = ",".join((settings.queue_ingest, settings.queue_imports, settings.queue_maintenance))
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "worker.app",
-            "worker",
-            "-Q",
-            queues,
-            "--concurrency",
-            "1",
-            "--loglevel",
-            "INFO",
-            "--without-mingle",
-            "--without-gossip",
-            "--hostname",
-            "demo@%h",
-        ],
-        stdout=log_path.open("ab"),
-        stderr=subprocess.STDOUT,
-        env=dict(os.environ),
-        start_new_session=True,
-    )
-
-
-def _stop_worker(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
-def _wait_health(proc: subprocess.Popen[bytes], log_path: Path, timeout: float = 120) -> dict:  # type: ignore[type-arg]
-    from worker.app import TASK_HEALTH, app
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the worker exited; see {log_path}")
-        try:
-            answer: dict = app.send_task(TASK_HEALTH).get(timeout=10)  # type: ignore[type-arg]
-            return answer
-        except Exception:
-            continue
-    raise RuntimeError(f"no worker answered within {timeout}s; see {log_path}")
+    engine = get_engine(settings)
+    demo_dir = copy_samples(settings.upload_root)
+    outcomes = []
+    for name in ("river-mill.md", "solar-power.html"):
+        path = demo_dir / name
+        with session_scope(engine) as s:
+            item_id = queries.insert_upload(
+                s,
+                user_id=user_id,
+                file_path=str(path.relative_to(settings.upload_root.resolve())),
+                filename=name,
+                original_filename=name,
+                file_size=path.stat().st_size,
+                mime_type=None,
+            )
+        outcomes.append(process_upload(item_id, trace_id="seed").status)
+    with session_scope(engine) as s:
+        job_id = queries.insert_import_job(
+            s, user_id=user_id, filename="demo/bookmarks.html", file_size=None
+        )
+    for batch_id in importer.run_import(engine, settings, job_id):
+        importer.embed_batch(engine, settings, batch_id)
+    with session_scope(engine) as s:
+        items = s.execute(
+            text("SELECT count(*) FROM item WHERE user_id = :u AND status = 'done'"),
+            {"u": user_id},
+        ).scalar_one()
+    return {"user_id": user_id, "uploads": outcomes, "import_job": job_id, "items_done": items}
 
 
 def run_demo(echo: Callable[[str], None]) -> None:
@@ -97,14 +89,11 @@ def run_demo(echo: Callable[[str], None]) -> None:
 
     log_path = settings.data_dir / "demo-worker.log"
     echo(f"3. starting a Celery worker (log: {log_path})")
-    proc = _start_worker(log_path)
+    proc = WorkerProcess(log_path, name="demo").start()
     try:
-        health = _wait_health(proc, log_path)
+        health = proc.wait_ready()
         echo(f"   worker healthy: pid {health['pid']} on {health['hostname']}")
-        demo_dir = settings.upload_root.resolve() / "demo"
-        demo_dir.mkdir(parents=True, exist_ok=True)
-        for sample in SAMPLES.iterdir():
-            shutil.copyfile(sample, demo_dir / sample.name)
+        demo_dir = copy_samples(settings.upload_root)
         echo("4. enqueueing two uploads and a bookmark export")
         item_ids = [
             client.enqueue_upload(DEMO_USER, demo_dir / "river-mill.md"),
@@ -126,7 +115,7 @@ def run_demo(echo: Callable[[str], None]) -> None:
         )
         _show_searches(echo)
     finally:
-        _stop_worker(proc)
+        proc.stop()
     echo("done: the worker was stopped; services keep running (`worker services down`).")
 
 
