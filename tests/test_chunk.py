@@ -143,6 +143,23 @@ class ContextSensitiveEmbedder(HashEmbedder):
         return offsets
 
 
+class ByteTokenEmbedder(HashEmbedder):
+    """Like byte-level BPE on non-ASCII text: each such character is two tokens with the
+    same offsets, so no cut may fall between them."""
+
+    def token_offsets(self, text: str) -> list[tuple[int, int]]:
+        out: list[tuple[int, int]] = []
+        for start, end in super().token_offsets(text):
+            if text[start:end].isascii():
+                out.append((start, end))
+            else:
+                out.extend((k, k + 1) for k in range(start, end) for _ in range(2))
+        return out
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.token_offsets(text))
+
+
 def test_tokenizers_whose_counts_do_not_add_up_still_get_the_limit() -> None:
     doc = Document(" ".join(s.lower() for s in SENTENCES * 6))
     embedder = ContextSensitiveEmbedder()
@@ -185,6 +202,10 @@ def test_any_text_is_covered_within_the_limit(parts: list[str], limit: int, over
     embedder = HashEmbedder()
     chunks = chunk_document(doc, embedder, max_tokens=limit, overlap_tokens=overlap)
     assert_invariants(doc, chunks, embedder, limit)
+    # One character can be two tokens for these two: a limit of 1 cannot always be met.
+    for other in (ContextSensitiveEmbedder(), ByteTokenEmbedder()):
+        chunks = chunk_document(doc, other, max_tokens=max(2, limit), overlap_tokens=overlap)
+        assert_invariants(doc, chunks, other, max(2, limit))
 
 
 def test_five_megabyte_single_line_is_fast() -> None:

@@ -222,14 +222,20 @@ def _cut_by_tokens(
     where the next begins), so characters the tokenizer skipped stay covered."""
     n = len(offsets)
     i = 0
+    a = start
     while i < n:
         j = n if n - i <= limit else _cut_point(offsets, i, i + limit)
-        a = start if i == 0 else offsets[i][0]
+        # Tokens that share a start (bytes of one character in byte-level BPE) stay together:
+        # a cut between them would make an empty slice.
+        while j < n and offsets[j][0] <= a:
+            j += 1
         b = end if j == n else offsets[j][0]
         while b > a and text[b - 1].isspace():
             b -= 1
         yield _Piece(a, b, j - i)
         i = j
+        if j < n:
+            a = offsets[j][0]
 
 
 def _cut_point(offsets: Offsets, lo: int, hi: int) -> int:
@@ -264,7 +270,8 @@ def _pack(
     previous: list[_Piece] = []
     while queue:
         first = queue[-1]
-        overlap = _overlap(text, previous, min(overlap_tokens, limit - first.tokens), embedder)
+        budget = min(overlap_tokens, limit - first.tokens)
+        overlap = _overlap(text, previous, spans[-1][0] if spans else -1, budget, embedder)
         taken = _take(queue, limit - (overlap[1] if overlap else 0))
         start = overlap[0] if overlap else taken[0].start
         if verify is not None:
@@ -293,54 +300,78 @@ def _shrink_to_fit(
     embedder: Embedder,
     verify: Callable[[str], int],
 ) -> tuple[int, list[_Piece]]:
-    """Give pieces back to the queue, then drop the overlap, then split the first piece by
-    its own tokenisation, until ``text[start:end]`` counts at most ``limit`` tokens."""
+    """Give pieces back to the queue, then drop the overlap, then split the first piece,
+    until ``text[start:end]`` counts at most ``limit`` tokens. Every split makes the first
+    piece strictly shorter, so this ends; only a single character that counts as more than
+    ``limit`` tokens is left as it is."""
     while verify(text[start : taken[-1].end]) > limit:
         if len(taken) > 1:
             queue.append(taken.pop())
         elif start != taken[0].start:
             start = taken[0].start
         else:
-            piece = taken[0]
-            offsets = [
-                (a + piece.start, b + piece.start)
-                for a, b in embedder.token_offsets(text[piece.start : piece.end])
-            ]
-            # Aim below the limit: the count of a slice may differ from its share of the whole.
-            sub = list(
-                _cut_by_tokens(
-                    text, piece.start, piece.end, offsets, max(1, min(limit, len(offsets) - 1))
-                )
-            )
-            if len(sub) <= 1:
-                break  # a single token that counts as more than the limit: nothing to cut
-            queue.extend(reversed(sub[1:]))
-            taken = [sub[0]]
-            start = sub[0].start
+            halves = _split_piece(text, taken[0], limit, embedder)
+            if halves is None:
+                break
+            head, tail = halves
+            queue.append(tail)
+            taken, start = [head], head.start
     return start, taken
 
 
+def _split_piece(
+    text: str, piece: _Piece, limit: int, embedder: Embedder
+) -> tuple[_Piece, _Piece] | None:
+    """Cut a piece in two, both non-empty: by its own tokenisation (aiming a token below
+    what it counts, since a slice may count differently from its share of the whole), else
+    in the middle by characters. None for a piece of one character."""
+    offsets = [
+        (a + piece.start, b + piece.start)
+        for a, b in embedder.token_offsets(text[piece.start : piece.end])
+    ]
+    target = max(1, min(limit, len(offsets) - 1))
+    head = next(_cut_by_tokens(text, piece.start, piece.end, offsets, target), None)
+    if head is None or not piece.start < head.end < piece.end:
+        mid = (piece.start + piece.end) // 2
+        spans: list[tuple[int, int]] = []
+        _append_stripped(text, piece.start, mid, spans)
+        if not spans:
+            return None
+        head = _Piece(spans[0][0], spans[0][1], target)
+    rest: list[tuple[int, int]] = []
+    _append_stripped(text, head.end, piece.end, rest)
+    if not rest:
+        return None
+    return head, _Piece(rest[0][0], rest[0][1], max(0, piece.tokens - head.tokens))
+
+
 def _overlap(
-    text: str, previous: list[_Piece], budget: int, embedder: Embedder
+    text: str, previous: list[_Piece], after: int, budget: int, embedder: Embedder
 ) -> tuple[int, int] | None:
     """(start, tokens) of the tail of the previous chunk to repeat: whole trailing pieces
-    (sentences) when the last one fits the budget, else the last words of the last piece."""
+    (sentences) when the last one fits the budget, else the last words of the last piece.
+    It starts after ``after`` (the previous chunk's start), so no chunk contains the whole
+    of the one before it."""
     if not previous or budget <= 0:
         return None
     start, tokens = -1, 0
     for piece in reversed(previous):
-        if tokens + piece.tokens > budget:
+        if tokens + piece.tokens > budget or piece.start <= after:
             break
         start, tokens = piece.start, tokens + piece.tokens
     if start >= 0 and tokens > 0:
         return start, tokens
     last = previous[-1]
     offsets = embedder.token_offsets(text[last.start : last.end])
-    if not offsets:
+    candidates = [
+        k
+        for k in range(max(0, len(offsets) - budget), len(offsets))
+        if last.start + offsets[k][0] > after and (k == 0 or offsets[k][0] > offsets[k - 1][0])
+    ]
+    if not candidates:
         return None
-    first = max(0, len(offsets) - budget)
-    # Move forward to a word start so the overlap does not begin inside a word.
-    k = next((k for k in range(first, len(offsets)) if _starts_word(offsets, k)), first)
+    # Prefer a word start, so the overlap does not begin inside a word.
+    k = next((k for k in candidates if _starts_word(offsets, k)), candidates[0])
     return last.start + offsets[k][0], len(offsets) - k
 
 
