@@ -21,7 +21,41 @@ from pathlib import Path
 from bench._db import drop_database, fresh_database
 
 DB_NAME = "bench_import"
-WORDS = ["python", "rust", "database", "vector", "search", "index", "postgres", "garden", "recipe", "bread", "travel", "music", "history", "science", "football", "energy", "solar", "climate", "finance", "market", "health", "running", "design", "photography", "camera", "review", "guide", "tutorial", "news", "kubernetes", "docker", "linux", "security"]
+WORDS = [
+    "python",
+    "rust",
+    "database",
+    "vector",
+    "search",
+    "index",
+    "postgres",
+    "garden",
+    "recipe",
+    "bread",
+    "travel",
+    "music",
+    "history",
+    "science",
+    "football",
+    "energy",
+    "solar",
+    "climate",
+    "finance",
+    "market",
+    "health",
+    "running",
+    "design",
+    "photography",
+    "camera",
+    "review",
+    "guide",
+    "tutorial",
+    "news",
+    "kubernetes",
+    "docker",
+    "linux",
+    "security",
+]
 
 
 def generate_export(n: int, seed: int = 7) -> bytes:
