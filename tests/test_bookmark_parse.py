@@ -352,8 +352,14 @@ def test_one_bad_entry_among_good_netscape() -> None:
         b"<DT><A HREF='https://e.com/3'>three</A></DL>"
     )
     entries = parse_bytes(data)
-    assert [type(e).__name__ for e in entries] == ["ParsedBookmark", "SkippedEntry", "ParsedBookmark"]
-    assert skipped(entries)[0] == SkippedEntry("invalid", "http://exa mple.com/", "invalid URL not imported")
+    assert [type(e).__name__ for e in entries] == [
+        "ParsedBookmark",
+        "SkippedEntry",
+        "ParsedBookmark",
+    ]
+    assert skipped(entries)[0] == SkippedEntry(
+        "invalid", "http://exa mple.com/", "invalid URL not imported"
+    )
 
 
 def test_large_data_url_is_reported_short() -> None:
@@ -584,9 +590,31 @@ def test_random_bytes_never_crash(data: bytes, fmt: str | None) -> None:
 
 _TOKENS = st.sampled_from(
     [
-        "<DL>", "</DL>", "<DT>", "<DD>", "<H3>", "</H3>", "<A HREF='https://e.com/'>",
-        "<a href=", "</A>", "<p>", "<!--", "-->", "<![", "]]>", "<script>", "&amp;", "&#",
-        '"', "'", ">", "<", "TAGS=\"a,b\"", "ADD_DATE=\"99999999999999999999\"", "\x00", "\ufeff",
+        "<DL>",
+        "</DL>",
+        "<DT>",
+        "<DD>",
+        "<H3>",
+        "</H3>",
+        "<A HREF='https://e.com/'>",
+        "<a href=",
+        "</A>",
+        "<p>",
+        "<!--",
+        "-->",
+        "<![",
+        "]]>",
+        "<script>",
+        "&amp;",
+        "&#",
+        '"',
+        "'",
+        ">",
+        "<",
+        'TAGS="a,b"',
+        'ADD_DATE="99999999999999999999"',
+        "\x00",
+        "\ufeff",
     ]
 )
 
@@ -600,7 +628,9 @@ def test_tag_soup_never_crashes(parts: list[str]) -> None:
 @settings(max_examples=200, deadline=None)
 @given(st.data())
 def test_mutated_exports_never_crash(data: st.DataObject) -> None:
-    name = data.draw(st.sampled_from(["firefox.html", "chrome.html", "pinboard.json", "bookmarks.csv"]))
+    name = data.draw(
+        st.sampled_from(["firefox.html", "chrome.html", "pinboard.json", "bookmarks.csv"])
+    )
     raw = bytearray((FIXTURES / name).read_bytes())
     for _ in range(data.draw(st.integers(1, 12))):
         pos = data.draw(st.integers(0, len(raw) - 1))

@@ -20,7 +20,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pypdf import PdfReader
 from pypdf.errors import DependencyError
-from samples import blank_pdf, encrypt_pdf, make_docx, make_pdf, rezip
 
 from worker.errors import (
     ParseError,
@@ -29,6 +28,7 @@ from worker.errors import (
     UnsupportedTypeError,
     WorkerError,
 )
+from worker.fixtures import blank_pdf, encrypt_pdf, make_docx, make_pdf, rezip
 from worker.ingest import sources
 from worker.ingest.parse import normalize_text, parse
 from worker.ingest.sources import load_source, sniff_mime

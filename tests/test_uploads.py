@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-from samples import blank_pdf, encrypt_pdf, make_docx, make_pdf, rezip
 from sqlalchemy import text
 
 from worker import client
@@ -17,6 +16,7 @@ from worker.app import TASK_PROCESS_UPLOAD, app
 from worker.db import queries
 from worker.db.engine import session_scope
 from worker.errors import SourceError
+from worker.fixtures import blank_pdf, encrypt_pdf, make_docx, make_pdf, rezip
 
 pytestmark = pytest.mark.integration
 

@@ -175,9 +175,7 @@ def _stopword_language(sample: str) -> tuple[str | None, dict[str, Any]]:
         lang: sum(1 for w in words if w in common) for lang, common in _LANGUAGE_WORDS.items()
     }
     best = max(scores, key=lambda k: scores[k])
-    if scores[best] == 0:
-        return None, {"method": "stopwords", "scores": scores}
-    return best, {"method": "stopwords", "scores": scores}
+    return (best if scores[best] else None), {"method": "stopwords", "scores": scores}
 
 
 # --- vector caches --------------------------------------------------------------------------
@@ -190,7 +188,7 @@ class PhraseVectorCache:
 
     def __init__(self, maxsize: int = 20_000) -> None:
         self.maxsize = maxsize
-        self._data: OrderedDict[tuple[str, str], NDArray[np.float32]] = OrderedDict()
+        self._data: OrderedDict[tuple[str, int, str], NDArray[np.float32]] = OrderedDict()
         self._lock = threading.Lock()
 
     def vectors(self, embedder: Embedder, texts: Sequence[str]) -> tuple[NDArray[np.float32], int]:
@@ -199,18 +197,19 @@ class PhraseVectorCache:
         missing: list[int] = []
         with self._lock:
             for i, text in enumerate(texts):
-                vec = self._data.get((embedder.name, text))
+                key = (embedder.name, embedder.dimensions, text)
+                vec = self._data.get(key)
                 if vec is None:
                     missing.append(i)
                 else:
-                    self._data.move_to_end((embedder.name, text))
+                    self._data.move_to_end(key)
                     out[i] = vec
         if missing:
             fresh = embedder.encode([texts[i] for i in missing])
             with self._lock:
                 for i, vec in zip(missing, fresh, strict=True):
                     out[i] = vec
-                    self._data[(embedder.name, texts[i])] = vec
+                    self._data[(embedder.name, embedder.dimensions, texts[i])] = vec
                 while len(self._data) > self.maxsize:
                     self._data.popitem(last=False)
         return out, len(missing)
@@ -624,7 +623,14 @@ class OpenAICompatibleAnalyzer:
         self.labels = tuple(labels)
         self.keywords = keywords
         self.max_input_chars = max_input_chars
-        self._client = client or httpx.Client(timeout=timeout)
+        # Made on first use, so a worker that builds this before forking does not share
+        # one connection pool between processes.
+        self._client = client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
 
     def __repr__(self) -> str:  # never show the key, even in a debugger or a log line
         return f"OpenAICompatibleAnalyzer(base_url={self.base_url!r}, model={self.model!r})"
@@ -641,7 +647,9 @@ class OpenAICompatibleAnalyzer:
         try:
             body = self._request(doc, trace_id)
             fields = self._validate(body)
-        except (httpx.HTTPError, ReplyError, ValueError, KeyError, TypeError) as exc:
+        except (httpx.HTTPError, ValueError, LookupError, TypeError) as exc:
+            # ValueError covers ReplyError and undecodable JSON; LookupError a reply without
+            # the expected "choices"; every one of them means "use the local analysis".
             return self._fall_back(doc, chunks, chunk_vectors, trace_id, exc)
         title, _ = derive_title(doc)
         raw = {
@@ -677,6 +685,8 @@ class OpenAICompatibleAnalyzer:
                 {"role": "user", "content": self._document_prompt(doc)},
             ],
         }
+        if self._client is None:
+            self._client = httpx.Client(timeout=self.timeout)
         response = self._client.post(
             f"{self.base_url}/chat/completions", json=payload, headers=headers, timeout=self.timeout
         )

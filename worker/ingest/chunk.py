@@ -45,6 +45,9 @@ _WINDOW_CHARS = 64 * 1024
 # Windows are tokenised in groups of about this many characters (one batch call each).
 _GROUP_CHARS = 2 * 1024 * 1024
 
+# Chunks are re-counted this many at a time (about 1.5 MB of text for full chunks).
+_COUNT_BATCH = 1024
+
 Offsets = list[tuple[int, int]]
 
 
@@ -88,13 +91,15 @@ def chunk_document(
     # exactly for tokenizers that split at whitespace (WordPiece, the fake); when one does not
     # (a chunk came out too long), redo the packing verifying each chunk as it is made.
     spans = _pack(text, pieces, limit, overlap_tokens, embedder, verify=None)
-    counts = _count_many(embedder, [text[s:e] for s, e in spans])
+    texts = [text[s:e] for s, e in spans]
+    counts = _count_many(embedder, texts)
     if any(c > limit for c in counts):
         spans = _pack(text, pieces, limit, overlap_tokens, embedder, verify=embedder.count_tokens)
-        counts = _count_many(embedder, [text[s:e] for s, e in spans])
+        texts = [text[s:e] for s, e in spans]
+        counts = _count_many(embedder, texts)
     return [
-        Chunk(index=i, text=text[s:e], start=s, end=e, token_count=c)
-        for i, ((s, e), c) in enumerate(zip(spans, counts, strict=True))
+        Chunk(index=i, text=t, start=s, end=e, token_count=c)
+        for i, ((s, e), t, c) in enumerate(zip(spans, texts, counts, strict=True))
     ]
 
 
@@ -385,6 +390,10 @@ def _offsets_many(embedder: Embedder, texts: list[str]) -> list[Offsets]:
 
 
 def _count_many(embedder: Embedder, texts: list[str]) -> list[int]:
-    if isinstance(embedder, BatchTokenizer):
-        return embedder.count_tokens_batch(texts)
-    return [embedder.count_tokens(t) for t in texts]
+    if not isinstance(embedder, BatchTokenizer):
+        return [embedder.count_tokens(t) for t in texts]
+    # In slices: the tokenizer holds every encoding of a batch at once (ids, offsets, masks).
+    counts: list[int] = []
+    for i in range(0, len(texts), _COUNT_BATCH):
+        counts.extend(embedder.count_tokens_batch(texts[i : i + _COUNT_BATCH]))
+    return counts

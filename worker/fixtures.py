@@ -1,5 +1,5 @@
 """Sample documents generated in code (no binary files in the repository), shared by the
-parser tests, the upload integration tests and the benchmarks."""
+tests and the benchmarks: PDFs, DOCX, zip bombs, and deterministic prose."""
 
 from __future__ import annotations
 
@@ -84,3 +84,49 @@ def rezip(data: bytes, *, replace: dict[str, bytes] | None = None, add: int = 0)
                 for _ in range(add // len(block)):
                     member.write(block)
     return buffer.getvalue()
+
+
+_TOPICS = {
+    "history": "mill river railway village century market farmers bridge castle museum",
+    "science": "experiment cells energy molecules telescope climate ocean genome laboratory data",
+    "cooking": "bread flour oven yeast dough butter recipe kitchen spices soup",
+    "sport": "football match season coach league goal training stadium players tactics",
+    "finance": "market shares bank interest inflation budget investors savings bonds prices",
+}
+_GLUE = [
+    "the",
+    "a",
+    "of",
+    "and",
+    "in",
+    "to",
+    "with",
+    "for",
+    "on",
+    "by",
+    "from",
+    "near",
+    "after",
+    "before",
+    "while",
+]
+
+
+def prose(seed: int, paragraphs: int, *, sentences: int = 5, topic: str | None = None) -> str:
+    """Deterministic English-like text on one topic: paragraphs of varied sentences."""
+    import random
+
+    rng = random.Random(seed)
+    topic = topic or sorted(_TOPICS)[seed % len(_TOPICS)]
+    words = _TOPICS[topic].split()
+    out = []
+    for _ in range(paragraphs):
+        sents = []
+        for _ in range(sentences):
+            n = rng.randint(8, 20)
+            body = [
+                rng.choice(words) if rng.random() < 0.45 else rng.choice(_GLUE) for _ in range(n)
+            ]
+            sents.append(" ".join(body).capitalize() + ".")
+        out.append(" ".join(sents))
+    return "\n\n".join(out)
