@@ -1,0 +1,157 @@
+"""Upload ingestion throughput: ``python -m bench.ingest_uploads [--docs N]``.
+
+In one run, on one generated corpus of mixed types and sizes (txt, md, html, docx, pdf,
+json, csv):
+  1. the model's own ``encode`` rate on exactly the chunks the pipeline produces (ceiling);
+  2. end to end through a real Celery worker: enqueue → every item done, in chunks/s,
+     printed as a ratio to (1), with analysis on, and again with analysis off;
+  3. the share of analysis time against the embedding stage, stage by stage in-process.
+Targets (issue 5): ratio >= 0.90 with analysis on; analysis <= 15 % of the embed stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from bench._db import drop_database, fresh_database
+
+DB_NAME = "bench_uploads"
+KINDS = ("txt", "md", "html", "docx", "pdf", "json", "csv")
+
+
+def write_corpus(root: Path, docs: int) -> list[Path]:
+    """``docs`` files, sizes from one paragraph to about twelve, types in rotation."""
+    from worker.fixtures import make_docx, make_pdf, prose
+
+    paths = []
+    for i in range(docs):
+        kind = KINDS[i % len(KINDS)]
+        text = prose(i, paragraphs=1 + (i * 7) % 12)
+        path = root / f"doc{i:04d}.{kind}"
+        if kind in ("txt", "md"):
+            path.write_text((f"# Document {i}\n\n" if kind == "md" else "") + text)
+        elif kind == "html":
+            body = "".join(f"<p>{p}</p>" for p in text.split("\n\n"))
+            path.write_text(
+                f"<html><head><title>Doc {i}</title></head><body><nav>Home</nav>"
+                f"<main><h1>Doc {i}</h1>{body}</main></body></html>"
+            )
+        elif kind == "docx":
+            path.write_bytes(make_docx(title=f"Doc {i}", body=text))
+        elif kind == "pdf":
+            # One text line per page is all the hand-made PDF holds: keep it short.
+            path.write_bytes(make_pdf(text.split(".")[0][:200]))
+        elif kind == "json":
+            path.write_text(json.dumps({"title": f"Doc {i}", "sections": text.split("\n\n")}))
+        else:
+            rows = "\n".join(f'{n},"{p}"' for n, p in enumerate(text.split("\n\n")))
+            path.write_text("section,text\n" + rows + "\n")
+        paths.append(path)
+    return paths
+
+
+def in_process_stages(paths: list[Path], root: Path) -> dict[str, float]:
+    """Parse and chunk every file once; time encode and analysis on the same chunks."""
+    from worker.config import get_settings
+    from worker.ingest.chunk import chunk_document
+    from worker.ingest.embed import encode_chunks
+    from worker.ingest.parse import parse
+    from worker.ingest.process import analyzer_for
+    from worker.ingest.sources import load_source
+    from worker.runtime import default_embedder
+
+    settings = get_settings()
+    embedder = default_embedder()
+    analyzer = analyzer_for(settings.model_copy(update={"analysis_provider": "local"}), embedder)
+    assert analyzer is not None
+    embedder.encode(["warm up the model"] * 8)
+    docs = []
+    for path in paths:
+        doc = parse(load_source(path, upload_root=root, max_bytes=10**8))
+        docs.append((doc, chunk_document(doc, embedder, max_tokens=settings.chunk_max_tokens)))
+    all_chunks = [c.text for _, chunks in docs for c in chunks]
+    start = time.perf_counter()
+    embedder.encode(all_chunks)
+    encode_all = time.perf_counter() - start
+    embed_s = analyse_s = 0.0
+    for doc, chunks in docs:
+        t0 = time.perf_counter()
+        vectors = encode_chunks(embedder, chunks)
+        t1 = time.perf_counter()
+        analyzer.analyze(doc, chunks, vectors)
+        t2 = time.perf_counter()
+        embed_s += t1 - t0
+        analyse_s += t2 - t1
+    return {
+        "chunks": len(all_chunks),
+        "encode_all_s": encode_all,
+        "embed_per_doc_s": embed_s,
+        "analyse_s": analyse_s,
+    }
+
+
+def end_to_end(paths: list[Path], workdir: Path, *, analysis: str) -> float:
+    from worker import client
+    from worker.subprocess_worker import WorkerProcess
+
+    env = dict(os.environ, ANALYSIS_PROVIDER=analysis)
+    worker = WorkerProcess(workdir / f"worker-{analysis}.log", env=env, name="bench").start()
+    user = f"bench-{analysis}"
+    try:
+        worker.wait_ready()
+        warm = client.enqueue_upload(user + "-warm", paths[0])
+        client.wait_for_items(user + "-warm", [warm], timeout=300, poll=0.1)
+        start = time.perf_counter()
+        ids = [client.enqueue_upload(user, p) for p in paths]
+        counts = client.wait_for_items(user, ids, timeout=3600, poll=0.1)
+        elapsed = time.perf_counter() - start
+    finally:
+        worker.stop()
+    assert counts == {"done": len(ids)}, counts
+    return elapsed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--docs", type=int, default=210)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("LOG_LEVEL", "WARNING")
+    fresh_database(DB_NAME)
+    from worker.app import app, configure
+    from worker.config import get_settings
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp) / "uploads"
+            root.mkdir()
+            os.environ["UPLOAD_ROOT"] = str(root)
+            get_settings.cache_clear()
+            configure(app, get_settings())
+            paths = write_corpus(root, args.docs)
+            stages = in_process_stages(paths, root)
+            e2e_on = end_to_end(paths, Path(tmp), analysis="local")
+            e2e_off = end_to_end(paths, Path(tmp), analysis="off")
+    finally:
+        drop_database(DB_NAME)
+    chunks = stages["chunks"]
+    ceiling = chunks / stages["encode_all_s"]
+    print(f"corpus: {len(paths)} documents ({', '.join(KINDS)}), {chunks} chunks")
+    print(f"model encode (ceiling): {ceiling:.1f} chunks/s")
+    for label, seconds in (("analysis on ", e2e_on), ("analysis off", e2e_off)):
+        rate = chunks / seconds
+        print(f"end to end, {label}: {rate:.1f} chunks/s = {rate / ceiling:.3f} x encode")
+    share = stages["analyse_s"] / stages["embed_per_doc_s"]
+    print(
+        f"analysis: {stages['analyse_s']:.2f}s against {stages['embed_per_doc_s']:.2f}s of "
+        f"embedding = {100 * share:.1f} % of the embed stage (target <= 15 %)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
