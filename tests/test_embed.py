@@ -1,0 +1,157 @@
+"""The real model behind the Embedder protocol: shapes, normalisation, order, batching, and
+that importing the module stays free of torch. The model is loaded once per test session
+(``get_embedder`` caches it per process, so test_analyze shares it)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from worker.ingest.chunk import chunk_document
+from worker.ingest.embed import (
+    SentenceTransformerEmbedder,
+    build_embedded,
+    default_model_path,
+    embed_chunks,
+    embed_title_summary,
+    encode_chunks,
+    get_embedder,
+    token_batches,
+)
+from worker.ingest.fake import HashEmbedder
+from worker.ingest.types import Document, Embedder
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "all-MiniLM-L6-v2"
+
+
+@pytest.fixture(scope="module")
+def embedder() -> Iterator[SentenceTransformerEmbedder]:
+    yield get_embedder(MODEL, threads=2)
+
+
+def test_limits_are_known_without_loading_the_model() -> None:
+    fresh = SentenceTransformerEmbedder(default_model_path(), name=MODEL)
+    assert (fresh.dimensions, fresh.max_tokens, fresh.max_seq_length) == (384, 254, 256)
+    assert fresh._model is None
+    assert fresh.count_tokens("Hello, world!") == 4
+    assert fresh.token_offsets("Hello, world!") == [(0, 5), (5, 6), (7, 12), (12, 13)]
+    assert fresh._model is None
+
+
+def test_importing_and_chunking_do_not_import_torch() -> None:
+    code = (
+        "import sys\n"
+        "from worker.ingest.embed import SentenceTransformerEmbedder, default_model_path\n"
+        "from worker.ingest.chunk import chunk_document\n"
+        "from worker.ingest.types import Document\n"
+        "e = SentenceTransformerEmbedder(default_model_path(), name='m')\n"
+        "assert chunk_document(Document('Some text. ' * 300), e)\n"
+        "heavy = ('torch', 'sentence_transformers', 'transformers')\n"
+        "bad = [m for m in heavy if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_embedder_is_cached_per_process(embedder: SentenceTransformerEmbedder) -> None:
+    assert get_embedder(MODEL) is embedder
+    assert get_embedder(MODEL, default_model_path()) is embedder
+
+
+def test_encode_shapes_and_norms(embedder: SentenceTransformerEmbedder) -> None:
+    vectors = embedder.encode(["a cat sat on the mat", "stock markets fell sharply"])
+    assert vectors.shape == (2, 384) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_empty_input_gives_an_empty_matrix(embedder: SentenceTransformerEmbedder) -> None:
+    vectors = embedder.encode([])
+    assert vectors.shape == (0, 384) and vectors.dtype == np.float32
+
+
+def test_dedupe_and_length_sorting_keep_input_order(
+    embedder: SentenceTransformerEmbedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = [
+        "short",
+        "a somewhat longer sentence about the weather in spring",
+        "x " * 300,  # past the model's limit: truncated the same way by both paths
+        "medium length text about football",
+        "",
+    ]
+    texts = [base[i] for i in (1, 0, 2, 1, 3, 0, 4, 2, 3)]
+    # Small batches, so the sorted path really runs several batches of mixed lengths.
+    monkeypatch.setattr(embedder, "batch_size", 2)
+    monkeypatch.setattr(embedder, "max_batch_tokens", 300)
+    ours = embedder.encode(texts)
+    plain = embedder.model.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+    np.testing.assert_allclose(ours, plain, atol=1e-5)
+    np.testing.assert_array_equal(ours[0], ours[3])
+
+
+def test_token_batches_respect_both_bounds() -> None:
+    lengths = [256, 200, 120, 40, 30, 12, 12, 12, 5, 5, 5, 5, 5]
+    order = sorted(range(len(lengths)), key=lambda k: -lengths[k])
+    batches = token_batches(order, lengths, batch_size=4, max_batch_tokens=300)
+    assert [k for b in batches for k in b] == order
+    for batch in batches:
+        assert len(batch) <= 4
+        assert len(batch) == 1 or len(batch) * max(lengths[k] for k in batch) <= 300
+    # A single item longer than the token budget still gets its own batch.
+    assert token_batches([0], [999], batch_size=4, max_batch_tokens=10) == [[0]]
+
+
+def test_throughput_is_reported(embedder: SentenceTransformerEmbedder) -> None:
+    """Not a benchmark (bench/ is): prints texts/s for chunk-sized and short texts."""
+    sentences = [f"Item {i} in the report says revenue grew in region {i % 7}." for i in range(64)]
+    chunks = [" ".join(sentences[i : i + 16]) for i in range(16)]  # ~230 tokens each
+    for label, texts in (("chunks", chunks), ("sentences", sentences)):
+        started = time.perf_counter()
+        embedder.encode(texts)
+        rate = len(texts) / (time.perf_counter() - started)
+        print(f"encode {label}: {rate:.1f} texts/s")
+
+
+def check_rows(embedder: Embedder) -> None:
+    doc = Document("First paragraph about rivers.\n\nSecond paragraph about mountains.")
+    chunks = chunk_document(doc, embedder, max_tokens=6, overlap_tokens=0)
+    rows = embed_chunks(embedder, chunks, title="Nature", summary="Rivers and mountains.")
+    assert [r.chunk_index for r in rows] == [*range(len(chunks)), -1]
+    assert rows[0].source == {"kind": "chunk", "start": chunks[0].start, "end": chunks[0].end}
+    assert rows[-1].source == {"kind": "title_summary"}
+    assert rows[-1].content == "Nature\n\nRivers and mountains."
+    assert all(len(r.vector) == embedder.dimensions for r in rows)
+    # The split path (chunks encoded once, analysis in between) gives the same rows.
+    vectors = encode_chunks(embedder, chunks)
+    text, vector = embed_title_summary(embedder, "Nature", "Rivers and mountains.")
+    split = build_embedded(chunks, vectors, text, vector)
+    for a, b in zip(rows, split, strict=True):
+        assert (a.chunk_index, a.content, a.source) == (b.chunk_index, b.content, b.source)
+        np.testing.assert_allclose(a.vector, b.vector, atol=1e-5)
+    assert [r.chunk_index for r in embed_chunks(embedder, chunks, title="", summary="")] == list(
+        range(len(chunks))
+    )
+
+
+def test_rows_with_the_fake_embedder() -> None:
+    check_rows(HashEmbedder())
+
+
+def test_rows_with_the_real_model(embedder: SentenceTransformerEmbedder) -> None:
+    check_rows(embedder)
+
+
+def test_build_embedded_rejects_mismatched_vectors() -> None:
+    chunks = chunk_document(Document("one. two."), HashEmbedder(), max_tokens=2, overlap_tokens=0)
+    with pytest.raises(ValueError):
+        build_embedded(chunks, np.zeros((len(chunks) + 1, 4), dtype=np.float32))
