@@ -151,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage-rows", type=int, default=100_000)
     args = parser.parse_args(argv)
     os.environ.setdefault("LOG_LEVEL", "WARNING")
+    # One worker process using both cores, and the ceiling measured with the same threads.
+    os.environ["WORKER_CONCURRENCY"] = "1"
     fresh_database(DB_NAME)
     from worker.app import app, configure
     from worker.config import get_settings

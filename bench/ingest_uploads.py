@@ -22,16 +22,18 @@ from bench._db import drop_database, fresh_database
 
 DB_NAME = "bench_uploads"
 KINDS = ("txt", "md", "html", "docx", "pdf", "json", "csv")
+SIZES = (1, 2, 3, 5, 8, 12, 20, 30, 45)  # paragraphs
 
 
 def write_corpus(root: Path, docs: int) -> list[Path]:
-    """``docs`` files, sizes from one paragraph to about twelve, types in rotation."""
+    """``docs`` files, types in rotation, sizes from one paragraph (~70 words) to 45
+    (~3,000 words): short notes to reports, about 1,000 words on average."""
     from worker.fixtures import make_docx, make_pdf, prose
 
     paths = []
     for i in range(docs):
         kind = KINDS[i % len(KINDS)]
-        text = prose(i, paragraphs=1 + (i * 7) % 12)
+        text = prose(i, paragraphs=SIZES[(i // len(KINDS)) % len(SIZES)])
         path = root / f"doc{i:04d}.{kind}"
         if kind in ("txt", "md"):
             path.write_text((f"# Document {i}\n\n" if kind == "md" else "") + text)
@@ -121,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", type=int, default=210)
     args = parser.parse_args(argv)
     os.environ.setdefault("LOG_LEVEL", "WARNING")
+    # One worker process using both cores, and the ceiling measured with the same threads.
+    os.environ["WORKER_CONCURRENCY"] = "1"
     fresh_database(DB_NAME)
     from worker.app import app, configure
     from worker.config import get_settings

