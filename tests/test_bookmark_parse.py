@@ -28,7 +28,7 @@ Entry = ParsedBookmark | SkippedEntry
 
 
 def parse_bytes(data: bytes, **kwargs: str) -> list[Entry]:
-    return list(iter_bookmarks(io.BytesIO(data), **kwargs))  # type: ignore[arg-type]
+    return list(iter_bookmarks(io.BytesIO(data), **kwargs))
 
 
 def parse_fixture(name: str) -> list[Entry]:
@@ -44,8 +44,10 @@ def skipped(entries: list[Entry]) -> list[SkippedEntry]:
     return [e for e in entries if isinstance(e, SkippedEntry)]
 
 
-def utc(*args: int) -> datetime:
-    return datetime(*args, tzinfo=UTC)  # type: ignore[misc]
+def utc(
+    year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0
+) -> datetime:
+    return datetime(year, month, day, hour, minute, second, tzinfo=UTC)
 
 
 # --------------------------------------------------------------------------- detection
@@ -237,9 +239,9 @@ def test_messy_html_case_unquoted_and_unclosed_tags() -> None:
 def test_windows_1252_declared_charset() -> None:
     (mark,) = parse_fixture("windows1252.html")
     assert isinstance(mark, ParsedBookmark)
-    assert mark.title == "Café “Le Procope” – Paris"
+    assert mark.title == "Café “Le Procope” \u2013 Paris"  # en dash
     assert mark.folder_path == ("Résumés",)
-    assert mark.description == "L’histoire du café"
+    assert mark.description == "L\u2019histoire du café"  # curly apostrophe
     assert mark.url == "https://example.fr/café"
 
 
@@ -315,6 +317,33 @@ def test_huge_unterminated_tag_is_dropped_not_buffered() -> None:
     entries = parse_bytes(data)
     assert [b.title for b in bookmarks(entries)] == ["one"]
     assert [s.reason for s in skipped(entries)] == ["malformed"]
+
+
+GARBAGE = {
+    "stray-lt": b"<" * (1 << 17),
+    "many-attributes": b"<a " + b"x=1 " * (1 << 17) + b">",
+    "unclosed-attributes": b"<a " + b"<a " * (1 << 17),
+    "unterminated-comment": b"<!--" + b"x" * (3 << 20),
+    "ampersands": b"&" * (3 << 20),
+    "nested-dl": b"<DL>" * (1 << 15),
+}
+
+
+@pytest.mark.parametrize("name", list(GARBAGE))
+def test_pathological_markup_is_bounded(name: str) -> None:
+    # Each of these once made html.parser take minutes or hundreds of MB.
+    data = b"<DL><DT><A HREF='https://e.com/1'>one</A>" + GARBAGE[name]
+    data += b"<DT><A HREF='https://e.com/2'>two</A>"
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        entries = parse_bytes(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.perf_counter() - started < 20
+    assert peak < 50 * 1024 * 1024
+    assert bookmarks(entries)[0].title == "one"
 
 
 # --------------------------------------------------------------------------- damage

@@ -140,9 +140,15 @@ class Settings(BaseSettings):
         5000, ge=0, description="Tenants with fewer vectors are searched exactly."
     )
 
-    # --- logging -------------------------------------------------------------------------
+    # --- logging and metrics -------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Level.")
     log_format: Literal["text", "json"] = Field("text", description="text or JSON lines.")
+    metrics_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Serve Prometheus /metrics from the worker on this port (0 = off).",
+    )
 
     # --- embedded services (demo, development, tests) ------------------------------------
     data_dir: Path = Field(Path(".data"), description="Embedded PostgreSQL and Redis data.")

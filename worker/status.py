@@ -1,4 +1,5 @@
-"""A one-screen view of the system for `worker status`: queues, items, imports, upkeep."""
+"""A one-screen view of the system for `worker status`: workers, queues, items, imports,
+failures (with what to do), upkeep."""
 
 from __future__ import annotations
 
@@ -25,6 +26,38 @@ def queue_depths(settings: Settings) -> dict[str, int | str]:
         return {"error": f"redis unreachable: {exc.__class__.__name__}"}
 
 
+def workers_seen(timeout: float = 1.0) -> list[dict[str, Any]] | str:
+    """The workers that answer a ping within ``timeout`` (empty when none does), or why
+    nobody could be asked."""
+    from worker.app import app
+
+    try:
+        replies = app.control.inspect(timeout=timeout).ping() or {}
+    except Exception as exc:  # broker down: the rest of the screen is still worth showing
+        return f"cannot ask ({exc.__class__.__name__}: {exc})"
+    return [
+        {"worker": name, "reply": reply.get("ok", reply) if isinstance(reply, dict) else reply}
+        for name, reply in sorted(replies.items())
+    ]
+
+
+def recent_failures(limit: int = 5) -> list[dict[str, Any]]:
+    from worker.db.engine import get_engine
+    from worker.failures import list_failures
+
+    return [
+        {
+            "kind": f.kind,
+            "id": f.id,
+            "user_id": f.user_id,
+            "what": f.what,
+            "reason": f.reason,
+            "hint": f.hint,
+        }
+        for f in list_failures(get_engine(), limit=limit)
+    ]
+
+
 def _rows(sql: str) -> list[dict[str, Any]]:
     with session_scope() as s:
         return [dict(r._mapping) for r in s.execute(text(sql))]
@@ -33,6 +66,7 @@ def _rows(sql: str) -> list[dict[str, Any]]:
 def snapshot(settings: Settings | None = None) -> dict[str, Any]:
     settings = settings or get_settings()
     return {
+        "workers": workers_seen(),
         "queues": queue_depths(settings),
         "items_last_hour": _rows(
             "SELECT kind, status, count(*) AS n FROM item "
@@ -45,10 +79,7 @@ def snapshot(settings: Settings | None = None) -> dict[str, Any]:
             " AS per_s FROM import_job WHERE status IN ('queued', 'processing', 'paused') "
             "ORDER BY id"
         ),
-        "recent_failures": _rows(
-            "SELECT id, user_id, kind, left(error, 90) AS error, updated_at FROM item "
-            "WHERE status = 'failed' ORDER BY updated_at DESC LIMIT 5"
-        ),
+        "recent_failures": recent_failures(),
         "maintenance": _rows(
             "SELECT kind, target, status, started_at, "
             "round(extract(epoch FROM finished_at - started_at)::numeric, 2) AS seconds "
@@ -59,7 +90,12 @@ def snapshot(settings: Settings | None = None) -> dict[str, Any]:
 
 def overview(settings: Settings | None = None) -> str:
     data = snapshot(settings)
-    parts = ["queues: " + ", ".join(f"{k}={v}" for k, v in data["queues"].items())]
+    workers = data["workers"]
+    seen = ", ".join(w["worker"] for w in workers) if isinstance(workers, list) else workers
+    parts = [
+        f"workers: {seen or 'none answered (is `worker run` up?)'}",
+        "queues: " + ", ".join(f"{k}={v}" for k, v in data["queues"].items()),
+    ]
     for key in ("items_last_hour", "imports_running", "recent_failures", "maintenance"):
         parts.append(f"\n{key.replace('_', ' ')}:\n{table(data[key])}")
     return "\n".join(parts)

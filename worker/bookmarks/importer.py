@@ -23,6 +23,7 @@ from urllib.parse import unquote, urlsplit
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
+from worker import metrics
 from worker.bookmarks.canonical import canonicalize, skip_reason
 from worker.bookmarks.parse import ParsedBookmark, SkippedEntry, iter_bookmarks
 from worker.config import Settings
@@ -31,6 +32,7 @@ from worker.errors import PermanentError
 from worker.ingest.sources import open_source
 from worker.ingest.store import copy_embeddings, psycopg_connection
 from worker.ingest.types import EmbeddedChunk
+from worker.logs import Stopwatch, bind_context, log_context
 
 log = logging.getLogger(__name__)
 
@@ -305,24 +307,53 @@ def open_export(settings: Settings, filename: str) -> BinaryIO:
 
 def run_import(engine: Engine, settings: Settings, job_id: int) -> list[int]:
     """Parse and stage a job (once); return the ids of its batches still to embed."""
-    claim = claim_job(engine, job_id)
-    if claim is None:
-        log.info("import job %s not processed: missing or finished", job_id)
-        return []
-    if not claim.staged:
-        try:
-            with open_export(settings, claim.filename) as fp:
-                export = read_export(fp, filename=claim.filename)
-        except PermanentError as exc:  # format, source, empty file
-            fail_job(engine, job_id, str(exc))
-            log.warning("import job %s failed: %s", job_id, exc)
+    with log_context(import_job_id=job_id, stage="claim"):
+        claim = claim_job(engine, job_id)
+        if claim is None:
+            log.info("import job %s not processed: missing or finished", job_id)
             return []
-        with session_scope(engine) as s:
-            summary = stage_import(
-                s, job_id, claim.user_id, export, batch_size=settings.bookmark_batch_size
-            )
-        log.info("import job %s staged: %s", job_id, summary)
-    return pending_batches(engine, job_id)
+    bind_context(user_id=claim.user_id)  # the task's retry/failure lines name the user too
+    with log_context(user_id=claim.user_id, import_job_id=job_id):
+        if not claim.staged:
+            _parse_and_stage(engine, settings, claim)
+        return pending_batches(engine, job_id)
+
+
+def _parse_and_stage(engine: Engine, settings: Settings, claim: JobClaim) -> None:
+    watch = Stopwatch()
+    try:
+        with watch.stage("parse"), open_export(settings, claim.filename) as fp:
+            export = read_export(fp, filename=claim.filename)
+    except PermanentError as exc:  # format, source, empty file
+        fail_job(engine, claim.job_id, str(exc))
+        _job_line(claim.job_id, "failed", watch, {}, error=str(exc))
+        return
+    with watch.stage("write"), session_scope(engine) as s:
+        summary = stage_import(
+            s, claim.job_id, claim.user_id, export, batch_size=settings.bookmark_batch_size
+        )
+    _job_line(claim.job_id, "staged", watch, summary)
+    metrics.bookmarks({"duplicate": summary["duplicates"], "skipped": summary["skipped"]})
+
+
+def _job_line(
+    job_id: int, outcome: str, watch: Stopwatch, counts: dict[str, int], error: str = ""
+) -> None:
+    """The one line per import job's parse: outcome, durations (parse, write) and counts."""
+    log.log(
+        logging.WARNING if error else logging.INFO,
+        "import job %s %s%s",
+        job_id,
+        outcome,
+        f": {error}" if error else "",
+        extra={
+            "outcome": outcome,
+            "durations_ms": watch.ms,
+            "counts": counts,
+            "stage": watch.failed_stage or "finish",
+        },
+    )
+    metrics.item_done("import", outcome, watch.ms)
 
 
 def pending_batches(engine: Engine, job_id: int) -> list[int]:
@@ -393,14 +424,11 @@ def claim_batch(engine: Engine, batch_id: int, *, max_attempts: int) -> BatchCla
         if row.job_status not in ("processing", "queued"):
             return None  # paused, cancelled or failed: leave the batch staged
         if row.attempts >= max_attempts:
-            _finish_batch(
-                s,
-                batch_id,
-                row.import_job_id,
-                len(row.item_ids),
-                failed=True,
-                error=f"gave up after {row.attempts} attempts",
+            message = (
+                f"gave up after {row.attempts} attempts (the worker died or timed out each "
+                "time); check the worker logs, then `worker retry job`"
             )
+            _fail_batch_items(s, batch_id, row.import_job_id, list(row.item_ids), message)
             return None
         attempt, claimed_at = s.execute(
             text(
@@ -458,6 +486,7 @@ def _finish_batch(
         ),
         {"n": size, "f": size if failed else 0, "id": job_id},
     )
+    metrics.bookmarks({"failed" if failed else "embedded": size})  # import progress
     remaining = s.execute(
         text(
             "SELECT count(*) FROM import_batch WHERE import_job_id = :id "
@@ -537,35 +566,79 @@ def fail_batch(engine: Engine, batch_id: int, message: str) -> None:
         ).first()
         if row is None or row.status not in ("queued", "processing"):
             return
-        s.execute(
-            text(
-                "UPDATE item SET status = 'failed', error = :e, updated_at = now() "
-                "WHERE id = ANY(:ids) AND status IN ('queued', 'processing')"
-            ),
-            {"ids": list(row.item_ids), "e": message},
-        )
-        _finish_batch(s, batch_id, row.import_job_id, len(row.item_ids), failed=True, error=message)
+        _fail_batch_items(s, batch_id, row.import_job_id, list(row.item_ids), message)
+
+
+def _fail_batch_items(
+    s: Session, batch_id: int, job_id: int, item_ids: list[int], message: str
+) -> None:
+    """The batch and its unfinished items fail together, and the job counts them."""
+    s.execute(
+        text(
+            "UPDATE item SET status = 'failed', error = :e, updated_at = now() "
+            "WHERE id = ANY(:ids) AND status IN ('queued', 'processing')"
+        ),
+        {"ids": item_ids, "e": message},
+    )
+    _finish_batch(s, batch_id, job_id, len(item_ids), failed=True, error=message)
 
 
 def embed_batch(engine: Engine, settings: Settings, batch_id: int) -> dict[str, Any]:
     """Embed one staged batch with every active/backfilling model and write it."""
+    with log_context(batch_id=batch_id, stage="claim"):
+        claim = claim_batch(engine, batch_id, max_attempts=settings.max_attempts)
+        if claim is None:
+            log.info(
+                "bookmark batch %s not processed: finished, or its job is not running", batch_id
+            )
+            return {"batch_id": batch_id, "status": "skipped"}
+    bind_context(user_id=claim.user_id, import_job_id=claim.job_id)
+    with log_context(user_id=claim.user_id, import_job_id=claim.job_id, batch_id=batch_id):
+        return _embed_claimed(engine, settings, claim)
+
+
+def _embed_claimed(engine: Engine, settings: Settings, claim: BatchClaim) -> dict[str, Any]:
     from worker.ingest.process import model_targets
 
-    claim = claim_batch(engine, batch_id, max_attempts=settings.max_attempts)
-    if claim is None:
-        return {"batch_id": batch_id, "status": "skipped"}
-    rows = load_batch(engine, claim)
+    watch = Stopwatch()
+    with watch.stage("load"):
+        rows = load_batch(engine, claim)
+        targets = model_targets(engine, settings)
     texts = [r.text for r in rows]
     vectors: dict[str, tuple[int, Sequence[Sequence[float]]]] = {}
-    for target in model_targets(engine, settings):
-        encoded: Sequence[Sequence[float]] = list(target.embedder.encode(texts)) if texts else []
-        vectors[target.name] = (target.dimensions, encoded)
-    finished = write_batch(engine, claim, rows, vectors)
+    with watch.stage("encode"):
+        for target in targets:
+            encoded: Sequence[Sequence[float]] = (
+                list(target.embedder.encode(texts)) if texts else []
+            )
+            vectors[target.name] = (target.dimensions, encoded)
+            metrics.embedded(len(texts), source="bookmark")
+    with watch.stage("write"):
+        finished = write_batch(engine, claim, rows, vectors)
     status = "stale" if finished is None else "done"
+    _batch_line(claim, status, watch, len(rows), len(targets))
     return {
-        "batch_id": batch_id,
+        "batch_id": claim.batch_id,
         "job_id": claim.job_id,
         "status": status,
         "items": len(rows),
         "job_finished": bool(finished),
     }
+
+
+def _batch_line(claim: BatchClaim, status: str, watch: Stopwatch, rows: int, models: int) -> None:
+    """The one line per bookmark batch: outcome, counts and durations (load, encode, write)."""
+    log.info(
+        "bookmark batch %s of import job %s %s: %d bookmarks",
+        claim.batch_id,
+        claim.job_id,
+        status,
+        rows,
+        extra={
+            "outcome": status,
+            "durations_ms": watch.ms,
+            "counts": {"bookmarks": rows, "models": models, "attempt": claim.attempt},
+            "stage": "finish",
+        },
+    )
+    metrics.item_done("bookmark_batch", status, watch.ms)

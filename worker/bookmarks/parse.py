@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import html
 import io
 import json
 import re
@@ -40,6 +41,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
+from itertools import islice
 from typing import BinaryIO, Final, TextIO
 
 from worker.bookmarks.canonical import skip_reason
@@ -63,9 +65,9 @@ _FORMATS_WE_TAKE: Final = (
 
 BLOCK_SIZE: Final = 64 * 1024
 HEAD_SIZE: Final = 4 * 1024  # where a META charset declaration must appear
-MAX_PENDING_CHARS: Final = (
-    8 * 1024 * 1024
-)  # an unterminated tag/element larger than this is dropped
+# An unterminated tag or JSON element larger than this is dropped as malformed. Favicons
+# (ICON="data:...") are the largest legitimate tags, a few KiB each.
+MAX_PENDING_CHARS: Final = 2 * 1024 * 1024
 MAX_TEXT_CHARS: Final = 64 * 1024  # longest title/description/folder name we keep
 MAX_URL_IN_SKIP: Final = 2048  # a skipped data: URL may be megabytes; keep only its start
 MAX_FOLDER_DEPTH: Final = 256
@@ -299,7 +301,7 @@ def _open_text(head: bytes, fp: BinaryIO, encoding: tuple[str, str]) -> TextIO:
 _CP1252_FALLBACK: Final = "bookmarks-cp1252-fallback"
 _META_CHARSET: Final = re.compile(rb"<meta[^>]*charset\s*=\s*[\"']?\s*([A-Za-z0-9_.:\-]+)", re.I)
 # Labels that the HTML standard decodes as windows-1252 (a superset of them).
-_CP1252_LABELS: Final = frozenset({"cp1252", "latin_1", "ascii", "iso8859-1"})
+_CP1252_LABELS: Final = frozenset({"cp1252", "ascii", "iso8859-1"})
 
 
 def _cp1252_fallback(exc: UnicodeError) -> tuple[str, int]:
@@ -487,6 +489,11 @@ _A_ATTRS: Final = frozenset(
     {"href", "add_date", "last_modified", "tags", "toread", "private", "shortcuturl"}
 )
 _SAFARI_READING_LIST: Final = "com.apple.readinglist"
+MAX_TAG_TOKENS: Final = 2000
+_LONG_TAG_CHARS: Final = 4096
+_TAG_TOKEN: Final = re.compile(r"[\s/]+")
+_UNTERMINATED_A: Final = re.compile(r"<a\s", re.I)
+_HREF_IN_TAG: Final = re.compile(r"""\shref\s*=\s*["']?([^"'\s>]*)""", re.I)
 
 
 @dataclass(slots=True)
@@ -575,6 +582,18 @@ class _NetscapeParser(HTMLParser):
         # stray one from making HTMLParser buffer the rest of the file looking for its end.
         return
 
+    def parse_starttag(self, i: int) -> int:
+        # HTMLParser finds a start tag's end with a regex whose memory grows with the number
+        # of attribute-like tokens (~600 bytes each): 2 MB of "<a x=1 x=1 ..." would take
+        # 500 MB. Wait cheaply while no ">" has arrived, and drop a tag with absurdly many
+        # tokens unparsed; real bookmark tags have a dozen attributes.
+        end = self.rawdata.find(">", i)
+        if end < 0:
+            return -1  # incomplete: more input, or finish() drops it at the end
+        if _too_many_tokens(self.rawdata, i, end):
+            return end + 1
+        return super().parse_starttag(i)
+
     def parse_marked_section(self, i: int, report: bool = True) -> int:
         # HTMLParser raises AssertionError on "<![junk"; read it as a bogus comment instead.
         try:
@@ -586,8 +605,22 @@ class _NetscapeParser(HTMLParser):
     # called by _iter_netscape -------------------------------------------------------------
 
     def finish(self) -> None:
-        """Flush the last bookmark (called once the input is exhausted)."""
+        """End of input: keep trailing text, drop an unterminated tag, flush the last bookmark.
+
+        ``HTMLParser.close()`` is not used: on an unterminated tag it rescans the rest of the
+        buffer once per "<" in it, which is quadratic on garbage. What a complete file leaves
+        pending is at most text held back for a possible character reference."""
+        pending = self.rawdata
+        HTMLParser.reset(self)
+        text = pending.split("<", 1)[0]
+        if text:
+            self.handle_data(html.unescape(text))
         self._flush_anchor()
+        if _UNTERMINATED_A.match(pending, len(text)):
+            # A truncated file that ends inside a bookmark's tag: say so, with its URL.
+            href = _HREF_IN_TAG.search(pending, len(text), len(text) + MAX_URL_IN_SKIP)
+            url = html.unescape(href.group(1)) if href else ""
+            self.out.append(_skipped("malformed", url, "the file ends inside this <A> tag"))
 
     def drop_buffer(self) -> int:
         """Forget unparsed input (an unterminated tag, or markup HTMLParser chokes on),
@@ -614,7 +647,7 @@ class _NetscapeParser(HTMLParser):
             return
         context = self._context
         if folder is not None:  # else an anonymous DL (the root list) adds no folder
-            name = _one_line("".join(folder.name))
+            name = _one_line("".join(folder.name)[:MAX_TEXT_CHARS])
             # Safari marks no folder as the toolbar; its top-level name gives it away.
             named_bar = not context.path and name.lower() in _TOOLBAR_NAMES
             context = _Context(
@@ -660,15 +693,22 @@ class _NetscapeParser(HTMLParser):
         context = self._context
         return ParsedBookmark(
             url=href.strip(),
-            title=_one_line("".join(anchor.title)),
+            title=_one_line("".join(anchor.title)[:MAX_TEXT_CHARS]),
             folder_path=context.path,
             tags=_split_tags(attrs.get("tags"), ","),
-            description="".join(anchor.description).strip(),
+            description="".join(anchor.description)[:MAX_TEXT_CHARS].strip(),
             added_at=_parse_epoch(attrs.get("add_date")),
             modified_at=_parse_epoch(attrs.get("last_modified")),
             toolbar=context.toolbar,
             extra=_netscape_extra(attrs, context),
         )
+
+
+def _too_many_tokens(text: str, start: int, end: int) -> bool:
+    if end - start < _LONG_TAG_CHARS:
+        return False  # the common case, decided without scanning
+    tokens = _TAG_TOKEN.finditer(text, start, end)
+    return next(islice(tokens, MAX_TAG_TOKENS, None), None) is not None
 
 
 def _new_folder(attrs: list[tuple[str, str | None]]) -> _Folder:
@@ -695,15 +735,30 @@ def _netscape_extra(attrs: dict[str, str], context: _Context) -> dict[str, objec
 
 def _iter_netscape(text: TextIO) -> Iterator[Entry]:
     parser = _NetscapeParser()
+    carry = ""
+    # An unterminated construct is rescanned on every feed, but only with str.find (see
+    # parse_starttag), and MAX_PENDING_CHARS bounds how often.
     while chunk := text.read(BLOCK_SIZE):
+        chunk, carry = _escape_stray_lt(carry + chunk)
         _feed(parser, chunk)
         yield from _drain(parser)
-    try:
-        parser.close()
-    except _INPUT_ERRORS as exc:
-        parser.out.append(_malformed("", exc))
     parser.finish()
     yield from _drain(parser)
+
+
+_STRAY_LT: Final = re.compile(r"<(?![A-Za-z!/?])")
+
+
+def _escape_stray_lt(chunk: str) -> tuple[str, str]:
+    """Escape each "<" that cannot start markup, returning (text, carry-over).
+
+    HTMLParser handles such a "<" one character per loop turn (~10 µs each), so a file of
+    them would take minutes; as "&lt;" it is ordinary text and decodes back to "<". A "<"
+    at the end of the chunk waits for the next chunk to show what follows it."""
+    carry = ""
+    if chunk.endswith("<"):
+        chunk, carry = chunk[:-1], "<"
+    return _STRAY_LT.sub("&lt;", chunk), carry
 
 
 def _feed(parser: _NetscapeParser, chunk: str) -> None:
@@ -718,7 +773,7 @@ def _feed(parser: _NetscapeParser, chunk: str) -> None:
     if len(parser.rawdata) > MAX_PENDING_CHARS:
         dropped = parser.drop_buffer()
         parser.out.append(
-            _skipped("malformed", "", f"dropped an unterminated tag of {dropped} characters")
+            _skipped("malformed", "", f"dropped {dropped} characters of unterminated markup")
         )
 
 
@@ -729,7 +784,6 @@ def _drain(parser: _NetscapeParser) -> list[Entry]:
 
 # --------------------------------------------------------------------------- Pinboard JSON
 
-_WHITESPACE: Final = re.compile(r"[ \t\r\n]*")
 _RESYNC: Final = re.compile(r"\}\s*,\s*(?=\{)")
 # The closing quote is optional: in a truncated file the href may be cut short.
 _HREF_IN_TEXT: Final = re.compile(r'"href"\s*:\s*"((?:[^"\\]|\\.)*)"?')
@@ -783,15 +837,20 @@ class _JsonArrayReader:
 
     def _resync(self, detail: str) -> SkippedEntry:
         """Skip to the start of the next object, reporting the skipped one as malformed."""
-        url = _href_in(self._buf[self._pos : self._pos + MAX_TEXT_CHARS])
-        search_from = self._pos + 1
+        start = self._pos
+        url: str | None = None  # read from the bad element before its start is discarded
+        search_from = start + 1
         while (match := _RESYNC.search(self._buf, search_from)) is None:
+            if url is None:
+                url = _href_in(self._buf, start, len(self._buf))
             # Keep a short tail: the separator may straddle two blocks.
             self._pos = max(self._pos, len(self._buf) - _NEAR_END)
             if not self._fill():
                 self._pos = len(self._buf)
                 return _skipped("malformed", url, detail)
             search_from = self._pos
+        if url is None:
+            url = _href_in(self._buf, start, match.start())
         self._pos = match.end()
         return _skipped("malformed", url, detail)
 
@@ -809,7 +868,8 @@ class _JsonArrayReader:
         """Append a block to the buffer, dropping what has been consumed; False at EOF."""
         if self._eof:
             return False
-        block = self._text.read(BLOCK_SIZE)
+        # Read at least as much as is pending, so retries on a large element cost O(n).
+        block = self._text.read(max(BLOCK_SIZE, len(self._buf) - self._pos))
         if not block:
             self._eof = True
             return False
@@ -819,9 +879,9 @@ class _JsonArrayReader:
         return True
 
 
-def _href_in(fragment: str) -> str:
+def _href_in(buf: str, start: int, end: int) -> str:
     """The href of a malformed object, when it can still be read, for the skip report."""
-    match = _HREF_IN_TEXT.search(fragment)
+    match = _HREF_IN_TEXT.search(buf, start, min(end, start + MAX_TEXT_CHARS))
     if match is None:
         return ""
     try:
@@ -851,7 +911,6 @@ def _pinboard_entry(element: object) -> Entry:
         return _skipped("malformed", "", f"href is a {type(href).__name__}, not a string")
     if (skipped := _skip_for(href)) is not None:
         return skipped
-    tags = element.get("tags")
     extra: dict[str, object] = {}
     for key in ("toread", "shared"):
         if (flag := _bool_flag(element.get(key))) is not None:
@@ -859,9 +918,7 @@ def _pinboard_entry(element: object) -> Entry:
     return ParsedBookmark(
         url=href.strip(),
         title=_one_line(_text(element.get("description"))),
-        tags=_dedupe_tags(map(_text, tags))
-        if isinstance(tags, list)
-        else _split_tags(_text(tags), ""),
+        tags=_pinboard_tags(element.get("tags")),
         description=_text(element.get("extended")).strip(),
         added_at=_parse_date(_text(element.get("time"))),
         extra=extra,
