@@ -127,22 +127,14 @@ def measure_end_to_end(data: bytes, workdir: Path) -> tuple[float, dict[str, obj
         # Warm the worker's model with a tiny import so that load time is not counted.
         (upload_root / "warm.html").write_bytes(generate_export(3, seed=1))
         warm = client.import_bookmarks("bench-warm", upload_root / "warm.html")
-        _wait(client, "bench-warm", warm)
+        client.wait_for_import("bench-warm", warm)
         start = time.perf_counter()
         job = client.import_bookmarks("bench-e2e", upload_root / "export.html")
-        progress = _wait(client, "bench-e2e", job)
+        progress = client.wait_for_import("bench-e2e", job)
         elapsed = time.perf_counter() - start
     finally:
         worker.stop()
     return elapsed, {"status": progress.status, "created": progress.created}
-
-
-def _wait(client, user_id, job_id):  # type: ignore[no-untyped-def]
-    while True:
-        progress = client.import_status(user_id, job_id)
-        if progress.finished:
-            return progress
-        time.sleep(0.2)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,6 @@ index plan starts to beat the exact one: the figure for ``EXACT_SEARCH_MAX_ROWS`
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -27,6 +26,8 @@ import psycopg
 from numpy.typing import NDArray
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
+
+from bench._db import drop_database, fresh_database
 
 DB_NAME = "bench_search"
 DIMS = 384
@@ -58,38 +59,6 @@ class Query:
 
 
 # --- database ------------------------------------------------------------------------------
-
-
-def bench_engine() -> Engine:
-    """A fresh, migrated ``bench_search`` database; its URL becomes the process's setting."""
-    from worker import services
-    from worker.config import get_settings, load_settings
-    from worker.db import migrate
-    from worker.db.engine import get_engine
-
-    settings = load_settings()
-    if "DATABASE_URL" not in os.environ:
-        services.pg_start(settings)
-    base = settings.database_url.rsplit("/", 1)[0]
-    admin = base.replace("postgresql+psycopg://", "postgresql://", 1) + "/postgres"
-    services.drop_database(admin, DB_NAME)
-    services.ensure_database(admin, DB_NAME)
-    os.environ["DATABASE_URL"] = f"{base}/{DB_NAME}"
-    get_settings.cache_clear()
-    migrate.upgrade("head")
-    return get_engine()
-
-
-def drop_bench_database() -> None:
-    from worker import services
-    from worker.config import get_settings
-    from worker.db.engine import dispose_engines
-
-    dispose_engines()
-    base = get_settings().database_url.rsplit("/", 1)[0]
-    services.drop_database(
-        base.replace("postgresql+psycopg://", "postgresql://", 1) + "/postgres", DB_NAME
-    )
 
 
 # --- synthetic data ------------------------------------------------------------------------
@@ -471,7 +440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     rng = np.random.default_rng(args.seed)
-    engine = bench_engine()
+    engine = fresh_database(DB_NAME)
     from worker.config import get_settings
 
     t0 = time.perf_counter()
@@ -496,7 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report(measure(engine, queries, args.repeats))
     report_crossover(crossover(engine, corpus, rng, args.per_user), get_settings().recall_target)
     if not args.keep:
-        drop_bench_database()
+        drop_database(DB_NAME)
     return 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import uuid
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,7 +41,10 @@ def service_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str,
         services.pg_start(settings)
         services.redis_start(settings)
     db_base = given_db or services.embedded_database_url(settings)
-    redis_url = given_redis or services.embedded_redis_url(settings, db=1)
+    # A Redis database of its own per test database: two test sessions on one machine (say
+    # TEST_DB_NAME=a and =b) must not consume each other's messages.
+    redis_db = 1 + zlib.crc32(TEST_DB.encode()) % 15
+    redis_url = given_redis or services.embedded_redis_url(settings, db=redis_db)
     admin = _admin_dsn(db_base)
     services.drop_database(admin, TEST_DB)
     services.ensure_database(admin, TEST_DB)

@@ -111,16 +111,6 @@ def test_stage_merges_against_existing_and_is_per_user(db_session, user_id: str)
     assert sorted(tags) == ["more", "old"]
 
 
-def wait_job(user_id: str, job_id: int, timeout: float = 300) -> client.ImportProgress:
-    deadline = time.monotonic() + timeout
-    while True:
-        progress = client.import_status(user_id, job_id)
-        assert progress is not None
-        if progress.finished or time.monotonic() > deadline:
-            return progress
-        time.sleep(0.3)
-
-
 @pytest.mark.integration
 def test_browser_exports_import_and_reimport_adds_nothing(
     celery_worker, upload_root: Path, user_id: str
@@ -129,7 +119,7 @@ def test_browser_exports_import_and_reimport_adds_nothing(
     target.mkdir(parents=True)
     shutil.copy(FIXTURES / "chrome.html", target / "chrome.html")
     job = client.import_bookmarks(user_id, target / "chrome.html")
-    progress = wait_job(user_id, job)
+    progress = client.wait_for_import(user_id, job)
     assert progress.status == "done", (progress, celery_worker.log()[-3000:])
     assert progress.created > 0 and progress.processed == progress.total
     with session_scope() as s:
@@ -146,7 +136,7 @@ def test_browser_exports_import_and_reimport_adds_nothing(
     assert any(r.folder_path for r in rows)
 
     again = client.import_bookmarks(user_id, target / "chrome.html")
-    second = wait_job(user_id, again)
+    second = client.wait_for_import(user_id, again)
     assert second.status == "done" and second.created == 0
     assert second.duplicates == progress.created
     with session_scope() as s:
@@ -163,7 +153,7 @@ def test_unrecognised_file_fails_the_job_with_a_message(
     path = upload_root / f"{user_id}-notes.txt"
     path.write_text("just some notes and not bookmarks at all\n" * 10)
     job = client.import_bookmarks(user_id, path)
-    progress = wait_job(user_id, job)
+    progress = client.wait_for_import(user_id, job)
     assert progress.status == "failed"
     assert progress.error and "netscape" in progress.error.lower()
 
@@ -201,7 +191,7 @@ def test_worker_killed_mid_import_resumes_with_every_bookmark_once(
         app.send_task(task, args=args, queue=queue)
 
     find_and_requeue(engine, settings, send)
-    progress = wait_job(user_id, job)
+    progress = client.wait_for_import(user_id, job)
     assert progress.status == "done", progress
     with session_scope() as s:
         stats = s.execute(
@@ -216,3 +206,69 @@ def test_worker_killed_mid_import_resumes_with_every_bookmark_once(
     assert stats.bookmarks == n and stats.urls == n
     assert stats.vectors == n and stats.done == n
     assert progress.processed == progress.total == n
+
+
+def test_fetched_pages_become_more_chunks_of_the_bookmark(
+    engine, upload_root: Path, user_id: str
+) -> None:  # type: ignore[no-untyped-def]
+    """FETCH_PAGES: the page's main text is chunked and embedded with the bookmark; a page
+    that cannot be fetched leaves the bookmark with its own text (and is counted)."""
+    import http.server
+    import threading
+
+    from worker.bookmarks import importer
+    from worker.config import get_settings
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path == "/article":
+                body = (
+                    b"<html><head><title>Sourdough guide</title></head><body><nav>menu</nav>"
+                    b"<main><p>Wild yeast ferments the dough slowly overnight.</p></main>"
+                    b"</body></html>"
+                )
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+            else:
+                body = b"missing"
+                self.send_response(404)
+                self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        path = upload_root / f"{user_id}-fetch.html"
+        path.write_bytes(
+            netscape([f'<A HREF="{base}/article">Bread</A>', f'<A HREF="{base}/gone">Gone</A>'])
+        )
+        with session_scope() as s:
+            job = queries.insert_import_job(s, user_id=user_id, filename=path.name, file_size=1)
+        settings = get_settings().model_copy(
+            update={"fetch_pages": True, "fetch_allow_private": True, "fetch_timeout": 5.0}
+        )
+        for batch_id in importer.run_import(engine, settings, job):
+            result = importer.embed_batch(engine, settings, batch_id)
+            assert result["status"] == "done"
+    finally:
+        server.shutdown()
+    with session_scope() as s:
+        rows = s.execute(
+            text(
+                "SELECT b.url, e.chunk_index, e.content, e.source->>'kind' AS kind "
+                "FROM embedding e JOIN bookmark b ON b.item_id = e.item_id "
+                "WHERE e.user_id = :u ORDER BY b.url, e.chunk_index"
+            ),
+            {"u": user_id},
+        ).all()
+    article = [r for r in rows if r.url.endswith("/article")]
+    gone = [r for r in rows if r.url.endswith("/gone")]
+    assert [r.kind for r in article] == ["bookmark", "page"]
+    assert "Wild yeast ferments" in article[1].content and "menu" not in article[1].content
+    assert [r.kind for r in gone] == ["bookmark"]

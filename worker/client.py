@@ -32,6 +32,16 @@ def _require_user(user_id: str) -> str:
     return user_id
 
 
+def _stored_file(path: str | os.PathLike[str], settings: Settings) -> tuple[Path, str]:
+    """The real path of a file a producer stored under UPLOAD_ROOT, and the path relative to
+    the root that is recorded (so the root can move). Refused early, with the reason, when it
+    is outside the root or not a regular file: the producer learns it at once."""
+    real = resolve_inside(path, settings.upload_root)
+    if not real.is_file():
+        raise SourceError(f"{path}: not a regular file (missing, a directory or a device)")
+    return real, str(real.relative_to(settings.upload_root.resolve()))
+
+
 def _send(celery: Celery, task: str, args: list[Any], queue: str) -> None:
     try:
         celery.send_task(task, args=args, queue=queue)
@@ -52,10 +62,7 @@ def enqueue_upload(
     Returns the item id."""
     settings = settings or get_settings()
     _require_user(user_id)
-    real = resolve_inside(path, settings.upload_root)
-    if not real.is_file():
-        raise SourceError(f"{path}: not a regular file (missing, a directory or a device)")
-    rel = str(real.relative_to(settings.upload_root.resolve()))
+    real, rel = _stored_file(path, settings)
     with session_scope() as session:
         item_id = queries.insert_upload(
             session,
@@ -84,10 +91,7 @@ def import_bookmarks(
     Returns the import job id."""
     settings = settings or get_settings()
     _require_user(user_id)
-    real = resolve_inside(path, settings.upload_root)
-    if not real.is_file():
-        raise SourceError(f"{path}: not a regular file (missing, a directory or a device)")
-    rel = str(real.relative_to(settings.upload_root.resolve()))
+    real, rel = _stored_file(path, settings)
     with session_scope() as session:
         job_id = queries.insert_import_job(
             session, user_id=user_id, filename=rel, file_size=real.stat().st_size
@@ -179,4 +183,19 @@ def wait_for_items(
             counts = queries.items_status_counts(session, user_id, item_ids)
         if not (counts.get("queued") or counts.get("processing")) or time.monotonic() > deadline:
             return counts
+        time.sleep(poll)
+
+
+def wait_for_import(
+    user_id: str, job_id: int, *, timeout: float = 3600, poll: float = 0.5
+) -> ImportProgress:
+    """Block until the import is done, failed or cancelled (or the timeout); return its
+    progress. Raises LookupError when the job does not exist for this user."""
+    deadline = time.monotonic() + timeout
+    while True:
+        progress = import_status(user_id, job_id)
+        if progress is None:
+            raise LookupError(f"no import job {job_id} for user {user_id}")
+        if progress.finished or time.monotonic() > deadline:
+            return progress
         time.sleep(poll)

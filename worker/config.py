@@ -18,6 +18,20 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from worker.errors import ConfigError
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
+DEFAULT_LABELS: tuple[str, ...] = (
+    "technology",
+    "science",
+    "business",
+    "finance",
+    "health",
+    "politics",
+    "sports",
+    "entertainment",
+    "education",
+    "travel",
+    "food",
+    "other",
+)
 
 
 def mask_url(url: str) -> str:
@@ -87,26 +101,29 @@ class Settings(BaseSettings):
     )
     analysis_labels: list[str] = Field(
         description="Zero-shot categories (a JSON list).",
-        default_factory=lambda: [
-            "technology",
-            "science",
-            "business",
-            "finance",
-            "health",
-            "politics",
-            "sports",
-            "entertainment",
-            "education",
-            "travel",
-            "food",
-            "other",
-        ],
+        default_factory=lambda: list(DEFAULT_LABELS),
     )
     openai_base_url: str | None = Field(None, description="e.g. http://localhost:11434/v1.")
     openai_model: str | None = Field(None, description="Model name at that API.")
     openai_api_key: SecretStr | None = Field(None, description="Never logged or printed.")
     openai_timeout: float = Field(30.0, gt=0, description="Seconds; then the local analyzer.")
     bookmark_batch_size: int = Field(256, ge=1, le=10000, description="Bookmarks per embed task.")
+
+    # --- bookmark page fetching (worker/bookmarks/fetch.py) ---------------------------
+    fetch_pages: bool = Field(
+        False, description="Fetch each bookmarked page and index its text (off: title/URL only)."
+    )
+    fetch_allow_private: bool = Field(
+        False,
+        description="Also fetch pages on loopback/private/link-local addresses (SSRF risk).",
+    )
+    fetch_timeout: float = Field(
+        10.0, gt=0, description="Seconds per connect and per read; the whole fetch gets 3x."
+    )
+    fetch_max_bytes: int = Field(
+        5 * 1024 * 1024, ge=1, description="Larger pages are not fetched (bytes, decompressed)."
+    )
+    fetch_max_redirects: int = Field(5, ge=0, le=20, description="Redirects followed per page.")
 
     # --- celery --------------------------------------------------------------------------
     queue_ingest: str = Field("ingest", description="Uploads and bookmark embedding batches.")

@@ -7,16 +7,11 @@ bookmark export processed → a hybrid search over the results → the worker st
 from __future__ import annotations
 
 import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from worker.config import get_settings
 from worker.subprocess_worker import WorkerProcess
-
-if TYPE_CHECKING:
-    from worker.client import ImportProgress
 
 SAMPLES = Path(__file__).parent / "samples"
 DEMO_USER = "demo-user"
@@ -108,7 +103,7 @@ def run_demo(echo: Callable[[str], None]) -> None:
                 f"   item {item_id}: {st.get('status')} '{st.get('title')}' "
                 f"{st.get('chunks')} chunks, analysis v{st.get('analysis_version')}"
             )
-        progress = _wait_import(job_id)
+        progress = client.wait_for_import(DEMO_USER, job_id, timeout=300)
         echo(
             f"   bookmarks: {progress.status}, {progress.created} created, "
             f"{progress.duplicates} duplicates, skipped {progress.skipped_reasons or 0}"
@@ -117,18 +112,6 @@ def run_demo(echo: Callable[[str], None]) -> None:
     finally:
         proc.stop()
     echo("done: the worker was stopped; services keep running (`worker services down`).")
-
-
-def _wait_import(job_id: int, timeout: float = 300) -> ImportProgress:
-    from worker import client
-
-    deadline = time.monotonic() + timeout
-    while True:
-        progress = client.import_status(DEMO_USER, job_id)
-        assert progress is not None
-        if progress.finished or time.monotonic() > deadline:
-            return progress
-        time.sleep(0.5)
 
 
 def _show_searches(echo: Callable[[str], None]) -> None:

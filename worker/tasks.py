@@ -10,6 +10,7 @@ import logging
 import os
 import random
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from celery import Task
@@ -65,8 +66,8 @@ def is_transient(exc: BaseException) -> bool:
     )
 
 
-def retry_or_raise(task: Task, exc: BaseException) -> None:
-    """Retry a transient failure with backoff; re-raise anything else."""
+def retry_if_transient(task: Task, exc: BaseException) -> None:
+    """Retry a transient failure with backoff (raises Celery's Retry); return otherwise."""
     settings = get_settings()
     if is_transient(exc) and task.request.retries < settings.task_max_retries:
         delay = backoff_seconds(task.request.retries, cap=settings.retry_backoff_max)
@@ -92,6 +93,33 @@ def health() -> dict[str, Any]:
     }
 
 
+def run_guarded(
+    task: Task, what: str, run: Callable[[], dict[str, Any]], fail: Callable[[str], None]
+) -> dict[str, Any]:
+    """Run one unit of work. A transient failure retries with backoff; a time-out, a
+    transient failure past its retries, or any other error is recorded through ``fail`` with
+    a reason a person can act on, so nothing stays stuck, and the message is acknowledged:
+    a poison message is failed once, never redelivered forever."""
+    settings = get_settings()
+    try:
+        return run()
+    except SoftTimeLimitExceeded:
+        message = (
+            f"timed out after {settings.task_soft_time_limit}s (TASK_SOFT_TIME_LIMIT); "
+            "split the input or raise the limit"
+        )
+        log.warning("%s failed: %s", what, message, extra={"stage": "fail"})
+    except Exception as exc:
+        retry_if_transient(task, exc)
+        message = f"{exc.__class__.__name__}: {exc}"
+        if is_transient(exc):
+            message = f"gave up after {task.request.retries} retries: {message}"
+        log.exception("%s failed", what, extra={"stage": "fail"})
+    message = message[:2000]
+    fail(message)
+    return {"status": "failed", "error": message}
+
+
 @app.task(name=TASK_PROCESS_UPLOAD, bind=True)
 def process_upload(self: Task, item_id: int) -> dict[str, Any]:
     """Parse, chunk, analyse, embed and store one uploaded file."""
@@ -99,29 +127,16 @@ def process_upload(self: Task, item_id: int) -> dict[str, Any]:
     from worker.ingest import process, store
 
     item_id = int(item_id)
-    settings = get_settings()
+    engine = get_engine(get_settings())
     # The pipeline adds the user and the stage; this block keeps the ids on the retry and
-    # failure lines below, logged after the pipeline returned.
+    # failure lines, logged after the pipeline returned.
     with log_context(item_id=item_id, task_id=self.request.id):
-        try:
-            return process.process_upload(item_id, trace_id=self.request.id).as_dict()
-        except SoftTimeLimitExceeded:
-            message = (
-                f"timed out after {settings.task_soft_time_limit}s (TASK_SOFT_TIME_LIMIT); "
-                "split the file or raise the limit"
-            )
-            log.warning("item %s failed: %s", item_id, message, extra={"stage": "fail"})
-            store.fail_item(get_engine(settings), item_id, message)
-            return {"item_id": item_id, "status": "failed", "error": message}
-        except Exception as exc:
-            retry_or_raise(self, exc)
-            # Not transient, or retries exhausted: record the reason so the item is not stuck.
-            message = f"{exc.__class__.__name__}: {exc}"
-            if is_transient(exc):
-                message = f"gave up after {self.request.retries} retries: {message}"
-            log.exception("item %s failed", item_id, extra={"stage": "fail"})
-            store.fail_item(get_engine(settings), item_id, message[:2000])
-            return {"item_id": item_id, "status": "failed", "error": message[:2000]}
+        return run_guarded(
+            self,
+            f"item {item_id}",
+            lambda: process.process_upload(item_id, trace_id=self.request.id).as_dict(),
+            lambda message: store.fail_item(engine, item_id, message),
+        )
 
 
 @app.task(name=TASK_IMPORT_BOOKMARKS, bind=True)
@@ -133,22 +148,21 @@ def import_bookmarks(self: Task, job_id: int) -> dict[str, Any]:
     job_id = int(job_id)
     settings = get_settings()
     engine = get_engine(settings)
+
+    def stage() -> dict[str, Any]:
+        batch_ids = importer.run_import(engine, settings, job_id)
+        # Sent after the staging transaction committed; a lost send is found by requeue.
+        for batch_id in batch_ids:
+            app.send_task(TASK_EMBED_BOOKMARKS, args=[batch_id], queue=settings.queue_ingest)
+        return {"job_id": job_id, "batches": len(batch_ids)}
+
     with log_context(import_job_id=job_id, task_id=self.request.id):
-        try:
-            batch_ids = importer.run_import(engine, settings, job_id)
-        except SoftTimeLimitExceeded:
-            log.warning("import job %s timed out while parsing", job_id, extra={"stage": "fail"})
-            importer.fail_job(engine, job_id, "timed out while parsing (TASK_SOFT_TIME_LIMIT)")
-            return {"job_id": job_id, "status": "failed"}
-        except Exception as exc:
-            retry_or_raise(self, exc)
-            log.exception("import job %s failed", job_id, extra={"stage": "fail"})
-            importer.fail_job(engine, job_id, f"{exc.__class__.__name__}: {exc}"[:2000])
-            return {"job_id": job_id, "status": "failed"}
-    # Sent after the staging transaction committed; a lost send is found by requeue.
-    for batch_id in batch_ids:
-        app.send_task(TASK_EMBED_BOOKMARKS, args=[batch_id], queue=settings.queue_ingest)
-    return {"job_id": job_id, "batches": len(batch_ids)}
+        return run_guarded(
+            self,
+            f"import job {job_id}",
+            stage,
+            lambda message: importer.fail_job(engine, job_id, message),
+        )
 
 
 @app.task(name=TASK_EMBED_BOOKMARKS, bind=True)
@@ -161,17 +175,12 @@ def embed_bookmark_batch(self: Task, batch_id: int) -> dict[str, Any]:
     settings = get_settings()
     engine = get_engine(settings)
     with log_context(batch_id=batch_id, task_id=self.request.id):
-        try:
-            result = importer.embed_batch(engine, settings, batch_id)
-        except SoftTimeLimitExceeded:
-            log.warning("bookmark batch %s timed out", batch_id, extra={"stage": "fail"})
-            importer.fail_batch(engine, batch_id, "timed out (TASK_SOFT_TIME_LIMIT)")
-            return {"batch_id": batch_id, "status": "failed"}
-        except Exception as exc:
-            retry_or_raise(self, exc)
-            log.exception("bookmark batch %s failed", batch_id, extra={"stage": "fail"})
-            importer.fail_batch(engine, batch_id, f"{exc.__class__.__name__}: {exc}"[:2000])
-            return {"batch_id": batch_id, "status": "failed"}
+        result = run_guarded(
+            self,
+            f"bookmark batch {batch_id}",
+            lambda: importer.embed_batch(engine, settings, batch_id),
+            lambda message: importer.fail_batch(engine, batch_id, message),
+        )
     if result.get("job_finished"):
         # Fresh statistics for the planner right after a bulk load.
         app.send_task(
@@ -269,7 +278,7 @@ def backfill_batch(self: Task, batch_id: int) -> dict[str, Any]:
             if failed is not None:
                 result.update(job_id=failed[0], job_complete=failed[1])
         except Exception as exc:
-            retry_or_raise(self, exc)
+            retry_if_transient(self, exc)
             log.exception("backfill batch %s failed", batch_id, extra={"stage": "fail"})
             failed = backfill.fail_batch(engine, batch_id, f"{exc.__class__.__name__}: {exc}")
             result = {"batch_id": batch_id, "status": "failed", "error": str(exc)[:2000]}
@@ -293,7 +302,7 @@ def backfill_finish(self: Task, job_id: int) -> dict[str, Any]:
         try:
             result = backfill.finish_job(get_engine(settings), settings, job_id)
         except Exception as exc:
-            retry_or_raise(self, exc)
+            retry_if_transient(self, exc)
             log.exception("backfill job %s could not finish", job_id, extra={"stage": "fail"})
             message = f"{exc.__class__.__name__}: {exc}"
             backfill.fail_job(get_engine(settings), job_id, message)

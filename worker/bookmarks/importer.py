@@ -15,6 +15,7 @@ import logging
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, BinaryIO
@@ -25,16 +26,27 @@ from sqlalchemy.orm import Session
 
 from worker import metrics
 from worker.bookmarks.canonical import canonicalize, skip_reason
+from worker.bookmarks.fetch import (
+    FetchedPage,
+    FetchError,
+    fetch_page,
+    page_fetching_enabled,
+    policy_from_settings,
+)
 from worker.bookmarks.parse import ParsedBookmark, SkippedEntry, iter_bookmarks
 from worker.config import Settings
 from worker.db.engine import session_scope
 from worker.errors import PermanentError
+from worker.ingest.chunk import chunk_document
 from worker.ingest.sources import open_source
 from worker.ingest.store import copy_embeddings, psycopg_connection
-from worker.ingest.types import EmbeddedChunk
+from worker.ingest.types import Document, EmbeddedChunk, Embedder
 from worker.logs import Stopwatch, bind_context, log_context
 
 log = logging.getLogger(__name__)
+
+# Pages are fetched concurrently within a batch: the time is spent waiting on the network.
+FETCH_THREADS = 8
 
 
 # --- parse and merge ---------------------------------------------------------------------
@@ -443,10 +455,19 @@ def claim_batch(engine: Engine, batch_id: int, *, max_attempts: int) -> BatchCla
         )
 
 
-@dataclass(frozen=True)
+@dataclass
 class BatchRow:
+    """One bookmark of a batch: the text embedded for it (chunk 0) and, with FETCH_PAGES,
+    the chunks of its page's main text (chunks 1..n)."""
+
     item_id: int
+    url: str
     text: str
+    page_chunks: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+    def pieces(self) -> list[tuple[int, str, dict[str, Any]]]:
+        head = (0, self.text, {"kind": "bookmark"})
+        return [head, *((i, t, src) for i, (t, src) in enumerate(self.page_chunks, 1))]
 
 
 def load_batch(engine: Engine, claim: BatchClaim) -> list[BatchRow]:
@@ -462,7 +483,9 @@ def load_batch(engine: Engine, claim: BatchClaim) -> list[BatchRow]:
         ).all()
     return [
         BatchRow(
-            r.id, bookmark_text(r.title, r.description, r.tags, r.folder_path, r.domain, r.url)
+            r.id,
+            r.url,
+            bookmark_text(r.title, r.description, r.tags, r.folder_path, r.domain, r.url),
         )
         for r in rows
     ]
@@ -532,16 +555,14 @@ def write_batch(
                 text("DELETE FROM embedding WHERE item_id = ANY(:ids) AND model = :m"),
                 {"ids": ids, "m": model},
             )
+            pieces = [(r.item_id, piece) for r in rows for piece in r.pieces()]
             copy_embeddings(
                 conn,
                 (
-                    (
-                        r.item_id,
-                        None,
-                        claim.user_id,
-                        EmbeddedChunk(0, r.text, list(v), {"kind": "bookmark"}),
+                    (item_id, None, claim.user_id, EmbeddedChunk(index, text_, list(v), source))
+                    for (item_id, (index, text_, source)), v in zip(
+                        pieces, model_vectors, strict=True
                     )
-                    for r, v in zip(rows, model_vectors, strict=True)
                 ),
                 model=model,
                 dimensions=dimensions,
@@ -604,7 +625,11 @@ def _embed_claimed(engine: Engine, settings: Settings, claim: BatchClaim) -> dic
     with watch.stage("load"):
         rows = load_batch(engine, claim)
         targets = model_targets(engine, settings)
-    texts = [r.text for r in rows]
+    fetch_failures: Counter[str] = Counter()
+    if page_fetching_enabled(settings):
+        with watch.stage("fetch"):
+            fetch_failures = fetch_pages(rows, settings, targets[0].embedder)
+    texts = [text_ for r in rows for _, text_, _ in r.pieces()]
     vectors: dict[str, tuple[int, Sequence[Sequence[float]]]] = {}
     with watch.stage("encode"):
         for target in targets:
@@ -616,7 +641,7 @@ def _embed_claimed(engine: Engine, settings: Settings, claim: BatchClaim) -> dic
     with watch.stage("write"):
         finished = write_batch(engine, claim, rows, vectors)
     status = "stale" if finished is None else "done"
-    _batch_line(claim, status, watch, len(rows), len(targets))
+    _batch_line(claim, status, watch, len(rows), len(targets), fetch_failures)
     return {
         "batch_id": claim.batch_id,
         "job_id": claim.job_id,
@@ -626,8 +651,16 @@ def _embed_claimed(engine: Engine, settings: Settings, claim: BatchClaim) -> dic
     }
 
 
-def _batch_line(claim: BatchClaim, status: str, watch: Stopwatch, rows: int, models: int) -> None:
-    """The one line per bookmark batch: outcome, counts and durations (load, encode, write)."""
+def _batch_line(
+    claim: BatchClaim,
+    status: str,
+    watch: Stopwatch,
+    rows: int,
+    models: int,
+    fetch_failures: Counter[str],
+) -> None:
+    """The one line per bookmark batch: outcome, counts and durations (load, fetch, encode,
+    write)."""
     log.info(
         "bookmark batch %s of import job %s %s: %d bookmarks",
         claim.batch_id,
@@ -637,8 +670,48 @@ def _batch_line(claim: BatchClaim, status: str, watch: Stopwatch, rows: int, mod
         extra={
             "outcome": status,
             "durations_ms": watch.ms,
-            "counts": {"bookmarks": rows, "models": models, "attempt": claim.attempt},
+            "counts": {
+                "bookmarks": rows,
+                "models": models,
+                "attempt": claim.attempt,
+                "pages_not_fetched": dict(fetch_failures),
+            },
             "stage": "finish",
         },
     )
     metrics.item_done("bookmark_batch", status, watch.ms)
+
+
+# --- page fetching (FETCH_PAGES) ----------------------------------------------------------
+
+
+def fetch_pages(rows: Sequence[BatchRow], settings: Settings, embedder: Embedder) -> Counter[str]:
+    """Fetch each bookmark's page (in threads: it is waiting on the network, not the CPU),
+    and add its main text's chunks to the row. A page that cannot be fetched leaves the
+    bookmark with its own text; the reasons are counted for the batch's log line."""
+    policy = policy_from_settings(settings)
+    failures: Counter[str] = Counter()
+
+    def one(row: BatchRow) -> tuple[BatchRow, FetchedPage | None, str | None]:
+        try:
+            return row, fetch_page(row.url, policy), None
+        except FetchError as exc:
+            return row, None, exc.reason
+        except PermanentError as exc:  # the page had no text, or was not text at all
+            return row, None, "no_text" if exc.skip else "unparsable"
+
+    with ThreadPoolExecutor(max_workers=FETCH_THREADS) as pool:
+        for row, page, reason in pool.map(one, rows):
+            if page is None:
+                failures[reason or "unknown"] += 1
+                continue
+            doc = Document(text=page.text, title=page.title, mime_type=page.content_type)
+            chunks = chunk_document(
+                doc,
+                embedder,
+                max_tokens=settings.chunk_max_tokens,
+                overlap_tokens=settings.chunk_overlap_tokens,
+            )
+            source = {"kind": "page", "url": page.final_url}
+            row.page_chunks = [(c.text, {**source, "start": c.start, "end": c.end}) for c in chunks]
+    return failures

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pgvector.psycopg import register_vector
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -140,3 +140,26 @@ def health_check(settings: Settings | None = None) -> Health:
     except redis.RedisError as exc:
         health.errors["redis"] = f"{mask_url(settings.celery_broker_url)}: {exc}"
     return health
+
+
+@contextmanager
+def autocommit_session(engine: Engine, **settings: str | int) -> Iterator[Connection]:
+    """An autocommit connection (``VACUUM`` and ``… CONCURRENTLY`` refuse transaction
+    blocks) with session settings such as ``maintenance_work_mem`` applied for this work
+    only: the previous values are restored before the connection goes back to the pool,
+    where a raised memory limit or a cleared ``statement_timeout`` would otherwise leak into
+    unrelated queries."""
+    conn = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+    saved: dict[str, str] = {}
+    try:
+        for name, value in settings.items():
+            saved[name] = conn.execute(text("SELECT current_setting(:n)"), {"n": name}).scalar_one()
+            conn.execute(text("SELECT set_config(:n, :v, false)"), {"n": name, "v": str(value)})
+        yield conn
+    finally:
+        try:
+            for name, value in saved.items():
+                conn.execute(text("SELECT set_config(:n, :v, false)"), {"n": name, "v": value})
+        except Exception:
+            conn.invalidate()  # never hand a connection with odd settings back to the pool
+        conn.close()

@@ -104,10 +104,6 @@ def drop_index_sql(name: str, *, concurrently: bool = True) -> str:
     return f"DROP INDEX {'CONCURRENTLY ' if concurrently else ''}IF EXISTS {name}"
 
 
-def _autocommit(engine: Engine) -> Connection:
-    return engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-
-
 def create_model_index(
     engine: Engine,
     spec: IndexSpec,
@@ -117,12 +113,18 @@ def create_model_index(
     parallel_workers: int = 2,
 ) -> str:
     """Build the model's index with ``CREATE INDEX CONCURRENTLY`` (inserts keep working),
-    with more memory for this session only. Returns the index name."""
+    with more memory and no statement timeout for this session only (a timeout half-way
+    leaves an INVALID index). An INVALID leftover of the same name is dropped first: IF NOT
+    EXISTS would keep it. Returns the index name."""
+    from worker.db.engine import autocommit_session
+
     index = name or spec.name
-    with _autocommit(engine) as conn:
-        conn.execute(text(f"SET maintenance_work_mem = '{maintenance_work_mem}'"))
-        conn.execute(text(f"SET max_parallel_maintenance_workers = {int(parallel_workers)}"))
-        # A failed concurrent build leaves an INVALID index that IF NOT EXISTS would keep.
+    with autocommit_session(
+        engine,
+        maintenance_work_mem=maintenance_work_mem,
+        max_parallel_maintenance_workers=parallel_workers,
+        statement_timeout=0,
+    ) as conn:
         if index_state(conn, index) == "invalid":
             conn.execute(text(drop_index_sql(index)))
         conn.execute(text(create_index_sql(spec, name=index)))
@@ -130,7 +132,9 @@ def create_model_index(
 
 
 def drop_model_index(engine: Engine, name: str) -> None:
-    with _autocommit(engine) as conn:
+    from worker.db.engine import autocommit_session
+
+    with autocommit_session(engine, statement_timeout=0) as conn:
         conn.execute(text(drop_index_sql(name)))
 
 

@@ -28,25 +28,12 @@ import httpx
 import numpy as np
 from numpy.typing import NDArray
 
+from worker.config import DEFAULT_LABELS
 from worker.errors import ConfigError
 from worker.ingest.chunk import sentence_spans
 from worker.ingest.embed import title_summary_text
 from worker.ingest.types import AnalysisResult, Chunk, Document, Embedder
 
-DEFAULT_LABELS: tuple[str, ...] = (
-    "technology",
-    "science",
-    "business",
-    "finance",
-    "health",
-    "politics",
-    "sports",
-    "entertainment",
-    "education",
-    "travel",
-    "food",
-    "other",
-)
 # "other" is what is left when no label fits; a prompt vector for it would mean nothing.
 FALLBACK_LABEL = "other"
 # What each default label is compared with: a few words of the field. Measured here on sample

@@ -7,40 +7,19 @@ worker maintenance history [--limit N]
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import click
 from sqlalchemy import Engine
 
 from worker.config import Settings, get_settings
+from worker.render import table
 
 TASKS = ("indexes", "vacuum", "requeue", "purge", "stats")
 # Order for "all": requeue and purge first (cheap, and purge makes dead tuples), then the
 # index upkeep (which rebuilds before vacuuming a churned index), VACUUM, and figures last.
 ALL_ORDER = ("requeue", "purge", "indexes", "vacuum", "stats")
-
-
-def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    """Left-aligned columns separated by two spaces; long cells are cut at 60 characters."""
-    if not rows:
-        return "(none)"
-    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
-    widths = [min(60, max(len(c), *(len(row[i]) for row in cells))) for i, c in enumerate(columns)]
-    fmt = "  ".join(f"{{:<{w}.{w}}}" for w in widths)
-    lines = [fmt.format(*columns), fmt.format(*("-" * w for w in widths))]
-    lines += [fmt.format(*row) for row in cells]
-    return "\n".join(line.rstrip() for line in lines)
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    if isinstance(value, dict | list):
-        return json.dumps(value, default=str)
-    return str(value)
 
 
 def _send(task: str, args: list[Any], queue: str) -> None:
@@ -96,16 +75,16 @@ def _body_indexes(result: dict[str, Any]) -> str:
             }
         )
     cols = ["model", "rows", "growth", "dead_share", "recall_before", "recall_after"]
-    out = format_table(rows, [*cols, "decision", "seconds"])
+    out = table(rows, [*cols, "decision", "seconds"])
     invalid = result.get("invalid_indexes") or []
     if invalid:
-        out += "\ninvalid indexes:\n" + format_table(invalid, ["index", "table", "dropped"])
+        out += "\ninvalid indexes:\n" + table(invalid, ["index", "table", "dropped"])
     return out
 
 
 def _body_vacuum(result: dict[str, Any]) -> str:
     cols = ["table", "dead_before", "dead_after", "seconds", "reasons"]
-    return format_table(result.get("tables", []), cols)
+    return table(result.get("tables", []), cols)
 
 
 def _body_requeue(result: dict[str, Any]) -> str:
@@ -115,7 +94,7 @@ def _body_requeue(result: dict[str, Any]) -> str:
         if isinstance(result.get(kind), dict)
     ]
     cols = ["would_resend", "would_fail"] if result.get("dry_run") else ["resent", "failed"]
-    return format_table(rows, ["kind", *cols])
+    return table(rows, ["kind", *cols])
 
 
 def _body_purge(result: dict[str, Any]) -> str:
@@ -125,10 +104,8 @@ def _body_purge(result: dict[str, Any]) -> str:
 
 
 def _body_stats(result: dict[str, Any]) -> str:
-    tables = format_table(
-        result.get("tables", []), ["table", "live", "dead", "dead_share", "bytes"]
-    )
-    models = format_table(
+    tables = table(result.get("tables", []), ["table", "live", "dead", "dead_share", "bytes"])
+    models = table(
         result.get("models", []), ["model", "state", "rows", "index_bytes", "last_recall"]
     )
     items = ", ".join(f"{k}={v}" for k, v in result.get("items_by_status", {}).items())
@@ -189,7 +166,7 @@ def history_cmd(limit: int) -> None:
         row["started_at"] = f"{row['started_at']:%Y-%m-%d %H:%M:%S}" if row["started_at"] else ""
         row["summary"] = _history_summary(row.get("details") or {})
     cols = ["id", "kind", "target", "status", "started_at", "seconds", "summary"]
-    click.echo(format_table(rows, cols))
+    click.echo(table(rows, cols))
 
 
 def _history_summary(details: dict[str, Any]) -> str:

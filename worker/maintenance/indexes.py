@@ -42,17 +42,19 @@ from pgvector import Vector
 from sqlalchemy import Connection, Engine, text
 
 from worker.config import Settings
+from worker.db.engine import autocommit_session
 from worker.db.indexes import (
     DEFAULT_PARAMS,
     IndexSpec,
     create_index_sql,
+    create_model_index,
     drop_index_sql,
     index_name,
     index_state,
     model_predicate,
     vector_expr,
 )
-from worker.maintenance.runs import advisory_lock, autocommit_session, maintenance_run, table_stats
+from worker.maintenance.runs import advisory_lock, maintenance_run, table_stats
 
 log = logging.getLogger(__name__)
 
@@ -528,13 +530,9 @@ def _maintenance_session(engine: Engine, workers: int) -> AbstractContextManager
 
 
 def build_index(engine: Engine, spec: IndexSpec, name: str, *, workers: int = 2) -> None:
-    """``CREATE INDEX CONCURRENTLY`` (inserts keep working), dropping an INVALID leftover of
-    the same name first (IF NOT EXISTS would keep it). Same SQL as
-    ``worker.db.indexes.create_model_index``, but with settings restored afterwards."""
-    with _maintenance_session(engine, workers) as conn:
-        if index_state(conn, name) == "invalid":
-            conn.execute(text(drop_index_sql(name)))
-        conn.execute(text(create_index_sql(spec, name=name)))
+    create_model_index(
+        engine, spec, name=name, maintenance_work_mem=REBUILD_MEMORY, parallel_workers=workers
+    )
 
 
 def reindex(engine: Engine, name: str, *, workers: int = 2) -> None:

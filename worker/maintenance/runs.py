@@ -181,29 +181,6 @@ def history(engine: Engine, limit: int = 20) -> list[dict[str, Any]]:
 # --- shared session helpers (indexes, vacuum and stats all need them) ---------------------
 
 
-@contextmanager
-def autocommit_session(engine: Engine, **settings: str | int) -> Iterator[Connection]:
-    """An autocommit connection (``VACUUM`` and ``… CONCURRENTLY`` refuse transaction
-    blocks) with session settings such as ``maintenance_work_mem`` applied for this work
-    only: the previous values are restored before the connection goes back to the pool,
-    where a raised memory limit or a cleared ``statement_timeout`` would otherwise leak into
-    unrelated queries."""
-    conn = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-    saved: dict[str, str] = {}
-    try:
-        for name, value in settings.items():
-            saved[name] = conn.execute(text("SELECT current_setting(:n)"), {"n": name}).scalar_one()
-            conn.execute(text("SELECT set_config(:n, :v, false)"), {"n": name, "v": str(value)})
-        yield conn
-    finally:
-        try:
-            for name, value in saved.items():
-                conn.execute(text("SELECT set_config(:n, :v, false)"), {"n": name, "v": value})
-        except Exception:
-            conn.invalidate()  # never hand a connection with odd settings back to the pool
-        conn.close()
-
-
 def table_stats(conn: Connection, tables: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """pg_stat_user_tables per table (fresh: the cumulative statistics are cached per
     transaction otherwise), with the dead share computed. Keys are table names."""

@@ -16,8 +16,9 @@ from typing import Any
 
 from sqlalchemy import Engine, text
 
+from worker.db.engine import autocommit_session
 from worker.maintenance.indexes import rebuild_churned_hnsw
-from worker.maintenance.runs import autocommit_session, maintenance_run, table_stats
+from worker.maintenance.runs import maintenance_run, table_stats
 
 log = logging.getLogger(__name__)
 
