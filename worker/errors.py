@@ -44,3 +44,8 @@ class BookmarkFormatError(PermanentError):
 
 class ConfigError(WorkerError):
     """A setting is missing or invalid; raised at start-up with the variable's name."""
+
+
+class ModelLifecycleError(PermanentError):
+    """An embedding-model operation was refused (``worker models``): an unknown model, files
+    that are missing or hold no model, a backfill not complete, the serving model retired."""

@@ -240,35 +240,50 @@ def _hit(row: Row[Any], score: float, why: dict[str, Any]) -> SearchHit:
 # --- semantic -------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _ModelFiles:
+    """Where the model's files are, to encode a query string with it."""
+
+    name: str
+    path: str | None
+    package: str | None
+
+
 def _model_and_tenant(
-    session: Session, user_id: str, model: str, cap: int
-) -> tuple[IndexSpec, int]:
-    """The model's index facts and the tenant's vector count for it, in one round trip.
+    session: Session, user_id: str, model: str | None, cap: int
+) -> tuple[IndexSpec, int, _ModelFiles]:
+    """The model's index facts and the tenant's vector count for it, in one round trip;
+    ``model`` None means the serving model (``embedding_model.serving``).
 
     The count stops at ``cap``: the plan only needs to know which side of the threshold the
     tenant is on, so a huge tenant costs no more than the threshold (an index-only scan of
     the ``(user_id, model)`` btree)."""
+    which = "serving" if model is None else "name = :name"
     row = session.execute(
         text(
-            "SELECT name, dimensions, distance, index_kind, index_precision, index_params, "
-            "(SELECT count(*) FROM (SELECT 1 FROM embedding WHERE user_id = :user_id "
-            f"AND {model_predicate(model)} LIMIT :cap) t) AS tenant_rows "
-            "FROM embedding_model WHERE name = :name"
+            "SELECT m.name, m.dimensions, m.distance, m.index_kind, m.index_precision, "
+            "m.index_params, m.path, m.package, "
+            "(SELECT count(*) FROM (SELECT 1 FROM embedding e WHERE e.user_id = :user_id "
+            "AND e.model = m.name LIMIT :cap) t) AS tenant_rows "
+            f"FROM embedding_model m WHERE {which}"
         ),
         {"name": model, "user_id": user_id, "cap": cap},
     ).first()
     if row is None:
+        if model is None:
+            raise ValueError("no serving embedding model: see `worker models list`")
         raise ValueError(f"unknown embedding model {model!r} (no embedding_model row)")
-    return IndexSpec.from_row(row), int(row.tenant_rows)
+    files = _ModelFiles(row.name, row.path, row.package)
+    return IndexSpec.from_row(row), int(row.tenant_rows), files
 
 
 def _query_vector(
-    query: str | None, vector: VectorLike | None, spec: IndexSpec
+    query: str | None, vector: VectorLike | None, spec: IndexSpec, files: _ModelFiles
 ) -> NDArray[np.float32]:
     if vector is not None:
         q = np.asarray(vector, dtype=np.float32).reshape(-1)
     elif query is not None and query.strip():
-        q = _encode(query, spec.model)
+        q = _encode(query, files)
     else:
         raise ValueError("give a query string or a vector")
     if q.shape[0] != spec.dimensions:
@@ -280,14 +295,13 @@ def _query_vector(
     return q
 
 
-def _encode(query: str, model: str) -> NDArray[np.float32]:
-    # Imported here: loading the model pulls in torch (seconds, hundreds of MiB), which
+def _encode(query: str, files: _ModelFiles) -> NDArray[np.float32]:
+    """The query encoded by the model whose vectors are searched (cached per process)."""
+    # Imported here: loading a transformer pulls in torch (seconds, hundreds of MiB), which
     # callers that pass a vector must never pay.
-    from worker.runtime import default_embedder
+    from worker.runtime import embedder_for_model
 
-    embedder = default_embedder()
-    if embedder.name != model:
-        raise ValueError(f"the loaded model is {embedder.name!r}: pass a vector for {model!r}")
+    embedder = embedder_for_model(files.name, files.path, files.package)
     return np.asarray(embedder.encode([query])[0], dtype=np.float32)
 
 
@@ -440,7 +454,8 @@ def semantic_search(
     exact_threshold: int | None = None,
     ef_search: int | None = None,
 ) -> list[SearchHit]:
-    """Items nearest to ``vector`` (or to ``query`` encoded by the default model).
+    """Items nearest to ``vector`` (or to ``query`` encoded by the model searched): the
+    serving model's vectors unless ``model`` names another one.
 
     Tenants with at most ``exact_threshold`` vectors (default
     ``Settings.exact_search_max_rows``) are searched exactly, larger ones through the model's
@@ -451,8 +466,8 @@ def semantic_search(
         return []
     settings = get_settings()
     threshold = settings.exact_search_max_rows if exact_threshold is None else exact_threshold
-    spec, rows = _model_and_tenant(session, user_id, model or settings.model_name, threshold + 1)
-    q = _query_vector(query, vector, spec)
+    spec, rows, files = _model_and_tenant(session, user_id, model, threshold + 1)
+    q = _query_vector(query, vector, spec, files)
     metric = distance or spec.distance
     if metric not in OPERATORS:
         raise ValueError(f"unknown distance {metric!r}: use cosine, l2 or ip")
@@ -468,7 +483,13 @@ def semantic_search(
         _hit(
             loaded[m.item_id],
             similarity(m.value, metric),
-            {"semantic": m.value, "distance": metric, "matched": m.matched, "plan": plan},
+            {
+                "semantic": m.value,
+                "distance": metric,
+                "matched": m.matched,
+                "plan": plan,
+                "model": spec.model,
+            },
         )
         for m in matches
         if m.item_id in loaded
@@ -642,6 +663,7 @@ def _merge(
     }
     if sem:
         why["plan"] = sem[1].why["plan"]
+        why["model"] = sem[1].why.get("model")
     return SearchHit(
         item_id=item_id,
         kind=base.kind,

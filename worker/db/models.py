@@ -13,6 +13,7 @@ from typing import Any
 from pgvector.sqlalchemy import Vector
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Computed,
     DateTime,
@@ -42,6 +43,7 @@ ITEM_STATUSES = ("queued", "processing", "done", "failed", "skipped")
 JOB_STATUSES = ("queued", "processing", "done", "failed", "cancelled", "paused")
 BATCH_STATUSES = ("queued", "processing", "done", "failed")
 MODEL_STATES = ("active", "backfilling", "retired")
+BACKFILL_JOB_STATUSES = ("queued", "running", "indexing", "done", "failed", "cancelled")
 DISTANCES = ("cosine", "l2", "ip")
 INDEX_KINDS = ("hnsw", "ivfflat")
 
@@ -303,6 +305,9 @@ class EmbeddingModel(Base):
     dimensions: Mapped[int] = mapped_column(Integer)
     distance: Mapped[str] = mapped_column(Text, server_default="cosine")
     state: Mapped[str] = mapped_column(Text, server_default="active")
+    # Which model answers searches: exactly one (unique partial index). Kept apart from
+    # ``state`` because the previous model stays embedded (active) after a cut-over.
+    serving: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     path: Mapped[str | None] = mapped_column(Text)
     package: Mapped[str | None] = mapped_column(Text)
     index_kind: Mapped[str] = mapped_column(Text, server_default="hnsw")
@@ -322,6 +327,86 @@ class EmbeddingModel(Base):
         CheckConstraint(_in("index_kind", INDEX_KINDS), name="index_kind"),
         CheckConstraint(_in("index_precision", ("vector", "halfvec")), name="index_precision"),
         CheckConstraint("dimensions BETWEEN 1 AND 16000", name="dimensions"),
+        CheckConstraint("NOT serving OR state = 'active'", name="serving_active"),
+        Index(
+            "uq_embedding_model_serving",
+            "serving",
+            unique=True,
+            postgresql_where=text("serving"),
+        ),
+    )
+
+
+class BackfillJob(Base):
+    """Re-embedding every live item's stored chunk texts with a newly added model
+    (worker.backfill). Counters advance in the same transaction as each batch's vectors."""
+
+    __tablename__ = "backfill_job"
+
+    id: Mapped[int] = _pk()
+    model_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("embedding_model.id", ondelete="CASCADE")
+    )
+    source_model: Mapped[str] = mapped_column(Text)  # the serving model when it was staged
+    status: Mapped[str] = mapped_column(Text, server_default="queued")
+    total_batches: Mapped[int] = mapped_column(Integer, server_default="0")
+    total_items: Mapped[int] = mapped_column(Integer, server_default="0")
+    total_rows: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    done_batches: Mapped[int] = mapped_column(Integer, server_default="0")
+    done_items: Mapped[int] = mapped_column(Integer, server_default="0")
+    rows_written: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    failed_batches: Mapped[int] = mapped_column(Integer, server_default="0")
+    passes: Mapped[int] = mapped_column(Integer, server_default="0")
+    error: Mapped[str | None] = mapped_column(Text)
+    details: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+    __table_args__ = (
+        CheckConstraint(_in("status", BACKFILL_JOB_STATUSES), name="status"),
+        Index("ix_backfill_job_model_id_created_at", "model_id", "created_at"),
+        Index(
+            "ix_backfill_job_open",
+            "status",
+            "updated_at",
+            postgresql_where=text("status IN ('queued', 'running', 'indexing')"),
+        ),
+    )
+
+
+class BackfillBatch(Base):
+    """A slice of a backfill's items, re-embedded and written by one task; staged here so
+    a killed worker or a lost message resumes from the database."""
+
+    __tablename__ = "backfill_batch"
+
+    id: Mapped[int] = _pk()
+    job_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("backfill_job.id", ondelete="CASCADE")
+    )
+    seq: Mapped[int] = mapped_column(Integer)
+    item_ids: Mapped[list[int]] = mapped_column(ARRAY(BigInteger))
+    source_rows: Mapped[int] = mapped_column(Integer, server_default="0")
+    status: Mapped[str] = mapped_column(Text, server_default="queued")
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    rows_written: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+    __table_args__ = (
+        CheckConstraint(_in("status", BATCH_STATUSES), name="status"),
+        UniqueConstraint("job_id", "seq", name="uq_backfill_batch_job_id_seq"),
+        Index("ix_backfill_batch_job_id_status", "job_id", "status"),
+        Index(
+            "ix_backfill_batch_stuck",
+            "status",
+            "updated_at",
+            postgresql_where=text("status IN ('queued', 'processing')"),
+        ),
     )
 
 

@@ -224,6 +224,21 @@ def copy_embeddings(
     return count
 
 
+def writable_models(conn: Connection, names: Sequence[str]) -> set[str]:
+    """Which of ``names`` may still receive vectors (not retired), with their registry rows
+    share-locked until the caller's transaction ends: ``worker models retire`` flips the state
+    first and deletes afterwards, so a write either lands before the flip (and is deleted) or
+    sees the model retired and skips it; none is left behind."""
+    rows = conn.execute(
+        text(
+            "SELECT name FROM embedding_model WHERE name = ANY(:names) AND state <> 'retired' "
+            "ORDER BY id FOR SHARE"
+        ),
+        {"names": list(names)},
+    ).scalars()
+    return set(rows)
+
+
 def write_upload(
     engine: Engine,
     claim: Claim,
@@ -242,7 +257,10 @@ def write_upload(
             return False
         analysis_id = insert_analysis(s, claim, analysis, sha256=sha256, trace_id=trace_id)
         conn = s.connection()
+        writable = writable_models(conn, list(vectors))
         for model, (dimensions, chunks) in vectors.items():
+            if model not in writable:
+                continue  # retired while this item was being processed
             conn.execute(
                 text("DELETE FROM embedding WHERE item_id = :id AND model = :model"),
                 {"id": claim.item_id, "model": model},
