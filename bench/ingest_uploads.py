@@ -61,7 +61,7 @@ def in_process_stages(paths: list[Path], root: Path) -> dict[str, float]:
     """Parse and chunk every file once; time encode and analysis on the same chunks."""
     from worker.config import get_settings
     from worker.ingest.chunk import chunk_document
-    from worker.ingest.embed import encode_chunks
+    from worker.ingest.embed import encode_chunks, title_summary_text
     from worker.ingest.parse import parse
     from worker.ingest.process import analyzer_for
     from worker.ingest.sources import load_source
@@ -85,10 +85,15 @@ def in_process_stages(paths: list[Path], root: Path) -> dict[str, float]:
         t0 = time.perf_counter()
         vectors = encode_chunks(embedder, chunks)
         t1 = time.perf_counter()
-        analyzer.analyze(doc, chunks, vectors)
+        result = analyzer.analyze(doc, chunks, vectors)
         t2 = time.perf_counter()
-        embed_s += t1 - t0
-        analyse_s += t2 - t1
+        # The analyzer also encodes the title+summary text (the item's extra vector, which
+        # the pipeline needs with or without analysis) in its keyword call: time that text
+        # alone and count it as embedding, not analysis.
+        embedder.encode([title_summary_text(result.title, result.summary)])
+        t3 = time.perf_counter()
+        embed_s += (t1 - t0) + (t3 - t2)
+        analyse_s += max(0.0, (t2 - t1) - (t3 - t2))
     return {
         "chunks": len(all_chunks),
         "encode_all_s": encode_all,
@@ -97,12 +102,14 @@ def in_process_stages(paths: list[Path], root: Path) -> dict[str, float]:
     }
 
 
-def end_to_end(paths: list[Path], workdir: Path, *, analysis: str) -> float:
+def end_to_end(paths: list[Path], workdir: Path, *, analysis: str, concurrency: int) -> float:
     from worker import client
     from worker.subprocess_worker import WorkerProcess
 
     env = dict(os.environ, ANALYSIS_PROVIDER=analysis)
-    worker = WorkerProcess(workdir / f"worker-{analysis}.log", env=env, name="bench").start()
+    worker = WorkerProcess(
+        workdir / f"worker-{analysis}.log", env=env, concurrency=concurrency, name="bench"
+    ).start()
     user = f"bench-{analysis}"
     try:
         worker.wait_ready()
@@ -121,6 +128,9 @@ def end_to_end(paths: list[Path], workdir: Path, *, analysis: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--docs", type=int, default=210)
+    parser.add_argument(
+        "--concurrency", type=int, default=1, help="worker processes (threads split the cores)"
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("LOG_LEVEL", "WARNING")
     # One worker process using both cores, and the ceiling measured with the same threads.
@@ -138,14 +148,15 @@ def main(argv: list[str] | None = None) -> int:
             configure(app, get_settings())
             paths = write_corpus(root, args.docs)
             stages = in_process_stages(paths, root)
-            e2e_on = end_to_end(paths, Path(tmp), analysis="local")
-            e2e_off = end_to_end(paths, Path(tmp), analysis="off")
+            e2e_on = end_to_end(paths, Path(tmp), analysis="local", concurrency=args.concurrency)
+            e2e_off = end_to_end(paths, Path(tmp), analysis="off", concurrency=args.concurrency)
     finally:
         drop_database(DB_NAME)
     chunks = stages["chunks"]
     ceiling = chunks / stages["encode_all_s"]
     print(f"corpus: {len(paths)} documents ({', '.join(KINDS)}), {chunks} chunks")
-    print(f"model encode (ceiling): {ceiling:.1f} chunks/s")
+    print(f"model encode (ceiling, one process, all cores): {ceiling:.1f} chunks/s")
+    print(f"worker processes: {args.concurrency}")
     for label, seconds in (("analysis on ", e2e_on), ("analysis off", e2e_off)):
         rate = chunks / seconds
         print(f"end to end, {label}: {rate:.1f} chunks/s = {rate / ceiling:.3f} x encode")

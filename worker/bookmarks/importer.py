@@ -39,7 +39,7 @@ from worker.db.engine import session_scope
 from worker.errors import PermanentError
 from worker.ingest.chunk import chunk_document
 from worker.ingest.sources import open_source
-from worker.ingest.store import copy_embeddings, psycopg_connection
+from worker.ingest.store import copy_embeddings, psycopg_connection, writable_models
 from worker.ingest.types import Document, EmbeddedChunk, Embedder
 from worker.logs import Stopwatch, bind_context, log_context
 
@@ -550,7 +550,10 @@ def write_batch(
             return None
         ids = [r.item_id for r in rows]
         conn = s.connection()
+        writable = writable_models(conn, list(vectors))
         for model, (dimensions, model_vectors) in vectors.items():
+            if model not in writable:
+                continue  # retired while this batch was being embedded
             conn.execute(
                 text("DELETE FROM embedding WHERE item_id = ANY(:ids) AND model = :m"),
                 {"ids": ids, "m": model},

@@ -240,7 +240,7 @@ class LocalAnalyzer:
         keywords: int = 8,
         *,
         central_chunks: int = 3,
-        keyword_candidates: int = 30,
+        keyword_candidates: int = 12,
         mmr_lambda: float = 0.6,
         max_text_chars: int = 1_000_000,
         label_descriptions: Mapping[str, str] | None = None,

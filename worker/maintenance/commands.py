@@ -28,14 +28,24 @@ def _send(task: str, args: list[Any], queue: str) -> None:
     app.send_task(task, args=args, queue=queue)
 
 
+def _requeue_all(engine: Engine, settings: Settings, *, dry_run: bool) -> dict[str, Any]:
+    """Stuck uploads, import batches and jobs, then stuck model backfills."""
+    from worker.maintenance import requeue
+    from worker.models import requeue_stuck_backfills
+
+    result = requeue.find_and_requeue(engine, settings, _send, dry_run=dry_run)
+    result["backfills"] = requeue_stuck_backfills(engine, settings, _send, dry_run=dry_run)
+    return result
+
+
 def run_one(name: str, engine: Engine, settings: Settings, *, dry_run: bool) -> dict[str, Any]:
     """Run one upkeep task by name; returns its result dict."""
-    from worker.maintenance import indexes, purge, requeue, stats, vacuum
+    from worker.maintenance import indexes, purge, stats, vacuum
 
     runners: dict[str, Callable[[], dict[str, Any]]] = {
         "indexes": lambda: indexes.run_index_upkeep(engine, settings, dry_run=dry_run),
         "vacuum": lambda: vacuum.run_vacuum(engine, dry_run=dry_run),
-        "requeue": lambda: requeue.find_and_requeue(engine, settings, _send, dry_run=dry_run),
+        "requeue": lambda: _requeue_all(engine, settings, dry_run=dry_run),
         "purge": lambda: purge.purge_deleted(engine, settings, dry_run=dry_run),
         "stats": lambda: (
             stats.snapshot(engine)

@@ -119,6 +119,13 @@ def load_models(engine: Engine, names: Sequence[str] | None = None) -> list[Mode
     return [m for m in models if names is None or m.spec.model in names]
 
 
+def _still_loading(engine: Engine) -> set[str]:
+    from worker.backfill import loading_models
+
+    with engine.connect() as conn:
+        return loading_models(conn)
+
+
 # --- sizes and settings ----------------------------------------------------------------------
 
 
@@ -1007,7 +1014,13 @@ def run_index_upkeep(
         )
         run.details["invalid_indexes"] = drop_invalid_indexes(engine, dry_run=dry_run)
         run.details["models"] = {}
+        loading = set() if models is not None else _still_loading(engine)
+        for name in sorted(loading):
+            # Its backfill's finish step builds the index in bulk once every row is in.
+            run.details["models"][name] = {"decision": "wait: backfill still loading"}
         for model in load_models(engine, models):
+            if model.spec.model in loading:
+                continue
             try:
                 run.details["models"][model.spec.model] = upkeep_model(engine, model, opts)
             except Exception as exc:  # one broken model must not stop the others' upkeep
