@@ -32,6 +32,7 @@ from sqlalchemy import Connection, Engine, text
 from sqlalchemy.orm import Session
 
 from worker.config import Settings
+from worker.db import queries
 from worker.db.engine import session_scope
 from worker.db.indexes import IndexSpec, create_model_index
 from worker.ingest.store import copy_embeddings, writable_models
@@ -325,16 +326,8 @@ def write_batch(
     counters advanced, in one transaction. None (nothing written) when the claim was lost
     or the model was retired meanwhile."""
     with session_scope(engine) as s:
-        current = s.execute(
-            text(
-                "SELECT status, attempts, claimed_at FROM backfill_batch WHERE id = :id FOR UPDATE"
-            ),
-            {"id": claim.batch_id},
-        ).first()
-        if current is None or (current.status, current.attempts, current.claimed_at) != (
-            "processing",
-            claim.attempt,
-            claim.claimed_at,
+        if not queries.batch_claim_holds(
+            s, "backfill_batch", claim.batch_id, claim.attempt, claim.claimed_at
         ):
             return None
         # Item locks, in id order, make an upload of one of them wait (or us wait for it);

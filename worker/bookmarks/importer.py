@@ -35,6 +35,7 @@ from worker.bookmarks.fetch import (
 )
 from worker.bookmarks.parse import ParsedBookmark, SkippedEntry, iter_bookmarks
 from worker.config import Settings
+from worker.db import queries
 from worker.db.engine import session_scope
 from worker.errors import PermanentError
 from worker.ingest.chunk import chunk_document
@@ -538,14 +539,8 @@ def write_batch(
     """Vectors, item statuses, batch and job counters in one transaction. Returns None when
     the claim was lost (nothing written), else whether this batch finished the job."""
     with session_scope(engine) as s:
-        current = s.execute(
-            text("SELECT status, attempts, claimed_at FROM import_batch WHERE id = :id FOR UPDATE"),
-            {"id": claim.batch_id},
-        ).first()
-        if current is None or (current.status, current.attempts, current.claimed_at) != (
-            "processing",
-            claim.attempt,
-            claim.claimed_at,
+        if not queries.batch_claim_holds(
+            s, "import_batch", claim.batch_id, claim.attempt, claim.claimed_at
         ):
             return None
         ids = [r.item_id for r in rows]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
@@ -176,3 +176,24 @@ def db_now(session: Session) -> datetime:
     """The database's clock: rates and deadlines must not mix two machines' clocks."""
     now: datetime = session.execute(text("SELECT now()")).scalar_one()
     return now
+
+
+def batch_claim_holds(
+    session: Session,
+    table: Literal["import_batch", "backfill_batch"],
+    batch_id: int,
+    attempt: int,
+    claimed_at: datetime,
+) -> bool:
+    """Lock the batch row and tell whether this claim (its attempt number and claim time)
+    is still the current one: a batch re-claimed by another worker after this one was
+    presumed dead must not be written twice."""
+    row = session.execute(
+        text(f"SELECT status, attempts, claimed_at FROM {table} WHERE id = :id FOR UPDATE"),
+        {"id": batch_id},
+    ).first()
+    return row is not None and (row.status, row.attempts, row.claimed_at) == (
+        "processing",
+        attempt,
+        claimed_at,
+    )

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from worker.ingest.tokens import ModelTokenizer
 from worker.ingest.types import Chunk, EmbeddedChunk, Embedder
 
 # [CLS] and [SEP] take two places of the model's max_seq_length.
@@ -35,7 +36,7 @@ def default_model_path() -> str:
     return str(get_model_path())
 
 
-class SentenceTransformerEmbedder:
+class SentenceTransformerEmbedder(ModelTokenizer):
     """``Embedder`` over a sentence-transformers model directory (read offline)."""
 
     def __init__(
@@ -58,42 +59,8 @@ class SentenceTransformerEmbedder:
         self.max_seq_length = _read_max_seq_length(Path(model_path))
         self.max_tokens = self.max_seq_length - _SPECIAL_TOKENS
         self.dimensions = _read_dimensions(Path(model_path))
-        self._tokenizer: Any = None
         self._model: Any = None
         self._lock = threading.Lock()
-
-    # --- tokenizer (no torch) ---------------------------------------------------------------
-
-    @property
-    def tokenizer(self) -> Any:
-        """The fast tokenizer, with the truncation/padding of tokenizer.json switched off
-        (the file asks for 128: we need true lengths to chunk)."""
-        if self._tokenizer is None:
-            from tokenizers import Tokenizer
-
-            tok = Tokenizer.from_file(str(Path(self.model_path) / "tokenizer.json"))
-            tok.no_truncation()
-            tok.no_padding()
-            self._tokenizer = tok
-        return self._tokenizer
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
-
-    def token_offsets(self, text: str) -> list[tuple[int, int]]:
-        offsets: list[tuple[int, int]] = self.tokenizer.encode(
-            text, add_special_tokens=False
-        ).offsets
-        return offsets
-
-    def count_tokens_batch(self, texts: Sequence[str]) -> list[int]:
-        """``count_tokens`` for many texts in one call; the Rust side uses every core."""
-        encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
-        return [len(e.ids) for e in encodings]
-
-    def token_offsets_batch(self, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
-        encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
-        return [e.offsets for e in encodings]
 
     # --- model ------------------------------------------------------------------------------
 

@@ -20,6 +20,8 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
+from worker.ingest.tokens import ModelTokenizer
+
 ModelKind = Literal["static", "sentence-transformers"]
 # model2vec's own default truncation for ``encode`` when config.json does not name one.
 DEFAULT_MAX_LENGTH = 512
@@ -60,7 +62,7 @@ def model_kind(model_dir: str | Path) -> ModelKind:
     )
 
 
-class StaticModelEmbedder:
+class StaticModelEmbedder(ModelTokenizer):
     """``Embedder`` over a model2vec static model directory (read offline).
 
     The model2vec package imports on first ``encode`` only, like torch for the transformer
@@ -74,7 +76,6 @@ class StaticModelEmbedder:
         self.model_path = model_path
         self.name = name
         self.batch_size = batch_size
-        self._tokenizer: Any = None
         self._model: Any = None
         self._lock = threading.Lock()
         config = _read_json(Path(model_path) / "config.json")
@@ -83,40 +84,6 @@ class StaticModelEmbedder:
         self.max_tokens = int(config.get("max_length") or DEFAULT_MAX_LENGTH)
         dims = config.get("hidden_dim")
         self.dimensions = int(dims) if dims else int(self.model.dim)
-
-    # --- tokenizer -------------------------------------------------------------------------
-
-    @property
-    def tokenizer(self) -> Any:
-        """tokenizer.json with truncation and padding switched off: chunking needs the true
-        length of every text."""
-        if self._tokenizer is None:
-            from tokenizers import Tokenizer
-
-            tok = Tokenizer.from_file(str(Path(self.model_path) / "tokenizer.json"))
-            tok.no_truncation()
-            tok.no_padding()
-            self._tokenizer = tok
-        return self._tokenizer
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
-
-    def token_offsets(self, text: str) -> list[tuple[int, int]]:
-        offsets: list[tuple[int, int]] = self.tokenizer.encode(
-            text, add_special_tokens=False
-        ).offsets
-        return offsets
-
-    def count_tokens_batch(self, texts: Sequence[str]) -> list[int]:
-        """``count_tokens`` for many texts in one call (the chunker's BatchTokenizer): the
-        Rust side uses every core."""
-        encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
-        return [len(e.ids) for e in encodings]
-
-    def token_offsets_batch(self, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
-        encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
-        return [e.offsets for e in encodings]
 
     # --- model -----------------------------------------------------------------------------
 
