@@ -300,12 +300,20 @@ def redis_server_binary() -> Path:
 
 
 def _redis_ping(port: int) -> bool:
+    return _redis_problem(port) is None
+
+
+def _redis_problem(port: int) -> str | None:
+    """None when a Redis on ``port`` answers PING; else what went wrong."""
     import redis
 
     try:
-        return bool(redis.Redis(host="127.0.0.1", port=port, socket_timeout=1).ping())
-    except redis.RedisError:
-        return False
+        redis.Redis(host="127.0.0.1", port=port, socket_timeout=1).ping()
+    except redis.ResponseError as exc:  # a Redis, but an unhealthy one (e.g. MISCONF)
+        return f"a Redis answers but reports an error: {str(exc)[:200]}"
+    except redis.RedisError as exc:
+        return f"no Redis answers ({exc.__class__.__name__})"
+    return None
 
 
 def redis_start(settings: Settings) -> Path:
@@ -313,9 +321,11 @@ def redis_start(settings: Settings) -> Path:
     if _redis_ping(settings.redis_port):
         return data
     if port_in_use(settings.redis_port):
+        problem = _redis_problem(settings.redis_port)
         raise ServiceError(
-            f"port {settings.redis_port} is taken by something that is not Redis; "
-            "stop it or set REDIS_PORT (and REDIS_URL) to a free port"
+            f"port {settings.redis_port} is taken but {problem}; stop that process (a Redis "
+            "whose data directory was deleted reports MISCONF) or set REDIS_PORT (and "
+            "REDIS_URL) to a free port"
         )
     data.mkdir(parents=True, exist_ok=True)
     binary = redis_server_binary()
