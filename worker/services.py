@@ -253,6 +253,30 @@ def pg_stop(settings: Settings) -> None:
         )
 
 
+def pg_restart(settings: Settings) -> None:
+    """Fast restart with the options it was started with (connections are cut: clients
+    reconnect; the fault tests use this)."""
+    layout = pg_layout(settings)
+    _run(
+        _as_pg_user(
+            [
+                str(layout.bin / "pg_ctl"),
+                "-D",
+                str(layout.data),
+                # The server's output goes to its log: left on our pipes, it would keep them
+                # open and this call would wait for their end forever.
+                "-l",
+                str(layout.data / "server.log"),
+                "-m",
+                "fast",
+                "-w",
+                "restart",
+            ]
+        ),
+        "pg_ctl restart",
+    )
+
+
 def embedded_database_url(settings: Settings, dbname: str = DB_NAME) -> str:
     return f"postgresql+psycopg://postgres@127.0.0.1:{settings.pg_port}/{dbname}"
 
