@@ -221,60 +221,38 @@ def pg_start(settings: Settings) -> PgLayout:
         "-c maintenance_work_mem=256MB -c fsync=on"
     )
     log.info("starting PostgreSQL on 127.0.0.1:%s (data %s)", settings.pg_port, layout.data)
+    _pg_ctl(layout, "start", "-o", options, "-t", "60")
+    return layout
+
+
+def _pg_ctl(layout: PgLayout, action: str, *args: str) -> None:
+    """``pg_ctl ACTION`` as the PostgreSQL user, waiting for it to finish. The server's output
+    goes to its log: left on our pipes, the server would hold them open and this call would
+    wait for their end forever."""
+    log_file = layout.data / "server.log"
     _run(
         _as_pg_user(
             [
                 str(layout.bin / "pg_ctl"),
-                "-D",
-                str(layout.data),
-                "-l",
-                str(layout.data / "server.log"),
-                "-o",
-                options,
-                "-w",
-                "-t",
-                "60",
-                "start",
+                *("-D", str(layout.data), "-l", str(log_file), "-w"),
+                *args,
+                action,
             ]
         ),
-        f"pg_ctl start (see {layout.data / 'server.log'})",
+        f"pg_ctl {action} (see {log_file})",
     )
-    return layout
 
 
 def pg_stop(settings: Settings) -> None:
     layout = pg_layout(settings)
     if _pg_running(layout):
-        _run(
-            _as_pg_user(
-                [str(layout.bin / "pg_ctl"), "-D", str(layout.data), "-m", "fast", "-w", "stop"]
-            ),
-            "pg_ctl stop",
-        )
+        _pg_ctl(layout, "stop", "-m", "fast")
 
 
 def pg_restart(settings: Settings) -> None:
     """Fast restart with the options it was started with (connections are cut: clients
     reconnect; the fault tests use this)."""
-    layout = pg_layout(settings)
-    _run(
-        _as_pg_user(
-            [
-                str(layout.bin / "pg_ctl"),
-                "-D",
-                str(layout.data),
-                # The server's output goes to its log: left on our pipes, it would keep them
-                # open and this call would wait for their end forever.
-                "-l",
-                str(layout.data / "server.log"),
-                "-m",
-                "fast",
-                "-w",
-                "restart",
-            ]
-        ),
-        "pg_ctl restart",
-    )
+    _pg_ctl(pg_layout(settings), "restart", "-m", "fast")
 
 
 def embedded_database_url(settings: Settings, dbname: str = DB_NAME) -> str:
