@@ -605,7 +605,8 @@ def record_model(
             ),
             {
                 "params": _json(params),
-                "recall": recall,
+                # The figure the run reports (4 places), so the row and the report agree.
+                "recall": None if recall is None else round(recall, 4),
                 "rows": rows_at_build,
                 "built": built,
                 "id": model.id,
