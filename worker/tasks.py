@@ -268,22 +268,24 @@ def backfill_batch(self: Task, batch_id: int) -> dict[str, Any]:
     from worker.db.engine import get_engine
 
     batch_id = int(batch_id)
-    engine = get_engine(get_settings())
+    settings = get_settings()
+    engine = get_engine(settings)
+    failed: list[tuple[int, bool]] = []
+
+    def fail(message: str) -> None:
+        outcome = backfill.fail_batch(engine, batch_id, message)
+        if outcome is not None:
+            failed.append(outcome)
+
     with log_context(backfill_batch_id=batch_id, task_id=self.request.id):
-        try:
-            result = backfill.run_batch(engine, get_settings(), batch_id)
-        except SoftTimeLimitExceeded:
-            failed = backfill.fail_batch(engine, batch_id, "timed out (TASK_SOFT_TIME_LIMIT)")
-            result = {"batch_id": batch_id, "status": "failed"}
-            if failed is not None:
-                result.update(job_id=failed[0], job_complete=failed[1])
-        except Exception as exc:
-            retry_if_transient(self, exc)
-            log.exception("backfill batch %s failed", batch_id, extra={"stage": "fail"})
-            failed = backfill.fail_batch(engine, batch_id, f"{exc.__class__.__name__}: {exc}")
-            result = {"batch_id": batch_id, "status": "failed", "error": str(exc)[:2000]}
-            if failed is not None:
-                result.update(job_id=failed[0], job_complete=failed[1])
+        result = run_guarded(
+            self,
+            f"backfill batch {batch_id}",
+            lambda: backfill.run_batch(engine, settings, batch_id),
+            fail,
+        )
+    if failed:  # a failed batch may still have been its job's last one
+        result.update(batch_id=batch_id, job_id=failed[0][0], job_complete=failed[0][1])
     if result.get("job_complete") and result.get("job_id") is not None:
         _send_backfill_finish(int(result["job_id"]))
     return result
@@ -298,15 +300,14 @@ def backfill_finish(self: Task, job_id: int) -> dict[str, Any]:
 
     job_id = int(job_id)
     settings = get_settings()
+    engine = get_engine(settings)
     with log_context(backfill_job_id=job_id, task_id=self.request.id):
-        try:
-            result = backfill.finish_job(get_engine(settings), settings, job_id)
-        except Exception as exc:
-            retry_if_transient(self, exc)
-            log.exception("backfill job %s could not finish", job_id, extra={"stage": "fail"})
-            message = f"{exc.__class__.__name__}: {exc}"
-            backfill.fail_job(get_engine(settings), job_id, message)
-            return {"job_id": job_id, "status": "failed", "error": message[:2000]}
+        result = run_guarded(
+            self,
+            f"backfill job {job_id}",
+            lambda: backfill.finish_job(engine, settings, job_id),
+            lambda message: backfill.fail_job(engine, job_id, message),
+        )
     for batch_id in result.get("batch_ids", []):
         app.send_task(TASK_BACKFILL_BATCH, args=[batch_id], queue=settings.queue_ingest)
     return result
