@@ -279,3 +279,24 @@ def test_bad_inputs_each_get_their_message_and_others_complete(
     assert "café très animé" in latin
     assert "not yours" not in json.dumps(statuses, default=str)
     assert celery_worker.proc.poll() is None  # the worker lives on
+
+
+def test_deleted_item_leaves_listings_and_search_and_is_per_user(
+    celery_worker, upload_root: Path, user_id: str
+) -> None:  # type: ignore[no-untyped-def]
+    from worker import search
+
+    path = write(upload_root, f"{user_id}/delete-me.md", "# Volcanoes\n\n" + PROSE)
+    item_id = client.enqueue_upload(user_id, path)
+    wait_done(user_id, [item_id])
+    with session_scope() as s:
+        assert any(hit.item_id == item_id for hit in search.text_search(s, user_id, "river mill"))
+    assert not client.delete_item(user_id + "-other", item_id)  # not theirs
+    assert client.item_status(user_id, item_id) is not None
+    assert client.delete_item(user_id, item_id)
+    assert not client.delete_item(user_id, item_id)  # already deleted
+    assert client.item_status(user_id, item_id) is None
+    assert all(row["id"] != item_id for row in client.list_items(user_id))
+    with session_scope() as s:
+        hits = search.text_search(s, user_id, "river mill")
+    assert all(hit.item_id != item_id for hit in hits)

@@ -116,6 +116,14 @@ def list_items(user_id: str, **filters: Any) -> list[dict[str, Any]]:
         return queries.list_items(session, _require_user(user_id), **filters)
 
 
+def delete_item(user_id: str, item_id: int) -> bool:
+    """Soft-delete one of the user's items: it leaves search and listings at once, and the
+    purge task removes its rows after PURGE_AFTER_DAYS. False when there is no such live
+    item for this user."""
+    with session_scope() as session:
+        return queries.soft_delete_item(session, _require_user(user_id), item_id)
+
+
 @dataclass(frozen=True)
 class ImportProgress:
     id: int
