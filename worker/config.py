@@ -94,6 +94,11 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         None, ge=1, description="torch threads per worker process; default cores / concurrency."
     )
+    embed_device: str = Field(
+        "cpu",
+        pattern=r"^(cpu|cuda(:[0-9]+)?|mps)$",
+        description="torch device of the transformer model: cpu, cuda, cuda:N or mps.",
+    )
     chunk_max_tokens: int = Field(254, ge=16, description="Tokens per chunk (model max - 2).")
     chunk_overlap_tokens: int = Field(32, ge=0, description="Tokens repeated between chunks.")
     analysis_provider: Literal["local", "openai", "off"] = Field(

@@ -69,6 +69,7 @@ def embedder_for(name: str, path: str | None) -> Embedder:
         batch_size=settings.embed_batch_size,
         max_batch_tokens=settings.embed_max_batch_tokens,
         threads=torch_threads(settings),
+        device=settings.embed_device,
     )
 
 

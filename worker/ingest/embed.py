@@ -47,6 +47,7 @@ class SentenceTransformerEmbedder(ModelTokenizer):
         batch_size: int = 64,
         max_batch_tokens: int = 8192,
         threads: int | None = None,
+        device: str = "cpu",
     ) -> None:
         if batch_size < 1 or max_batch_tokens < 1:
             raise ValueError("batch_size and max_batch_tokens must be at least 1")
@@ -55,6 +56,7 @@ class SentenceTransformerEmbedder(ModelTokenizer):
         self.batch_size = batch_size
         self.max_batch_tokens = max_batch_tokens
         self.threads = threads
+        self.device = device
         # Known from the model's files, so the pipeline can plan without loading torch.
         self.max_seq_length = _read_max_seq_length(Path(model_path))
         self.max_tokens = self.max_seq_length - _SPECIAL_TOKENS
@@ -84,7 +86,7 @@ class SentenceTransformerEmbedder(ModelTokenizer):
         if self.threads is not None:
             torch.set_num_threads(self.threads)
         _quiet_progress_bars()
-        model = SentenceTransformer(self.model_path, device="cpu")
+        model = SentenceTransformer(self.model_path, device=self.device)
         # Embedding goes past the model's limit silently (it truncates): keep them in step.
         model.max_seq_length = self.max_seq_length
         return model
@@ -201,6 +203,7 @@ def get_embedder(
     batch_size: int = 64,
     max_batch_tokens: int = 8192,
     threads: int | None = None,
+    device: str = "cpu",
 ) -> SentenceTransformerEmbedder:
     """The process's embedder for ``(name, path)``, created on first call. Later calls get
     the same object (and so the same loaded model) whatever their other arguments."""
@@ -215,6 +218,7 @@ def get_embedder(
                 batch_size=batch_size,
                 max_batch_tokens=max_batch_tokens,
                 threads=threads,
+                device=device,
             )
             _EMBEDDERS[key] = embedder
     return embedder
