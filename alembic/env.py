@@ -6,18 +6,11 @@ from sqlalchemy import create_engine, pool
 
 from alembic import context
 from worker.config import get_settings
+from worker.db.migrate import include_object
 from worker.db.models import Base
 
 config = context.config
 target_metadata = Base.metadata
-
-
-# Objects that live outside the models on purpose: per-model vector indexes are created
-# from embedding_model rows (worker.db.indexes), not declared in metadata.
-def include_object(obj, name, type_, reflected, compare_to):  # type: ignore[no-untyped-def]
-    if type_ == "index" and reflected and name and name.startswith("embedding_vec_"):
-        return False
-    return not (type_ == "table" and name == "alembic_version")
 
 
 def _url() -> str:

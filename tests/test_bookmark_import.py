@@ -101,7 +101,7 @@ def test_stage_merges_against_existing_and_is_per_user(db_session, user_id: str)
     )
     job4 = queries.insert_import_job(db_session, user_id=user_id, filename="d", file_size=1)
     result = stage_import(db_session, job4, user_id, third, batch_size=10)
-    assert result == {"created": 0, "duplicates": 1, "skipped": 0, "batches": 0}
+    assert result == {"created": 0, "duplicates": 1, "skipped": 0, "batches": 0, "segment": 0}
     tags = db_session.execute(
         text(
             "SELECT tags FROM bookmark WHERE user_id = :u AND canonical_url = 'https://a.example/x'"
@@ -272,3 +272,67 @@ def test_fetched_pages_become_more_chunks_of_the_bookmark(
     assert [r.kind for r in article] == ["bookmark", "page"]
     assert "Wild yeast ferments" in article[1].content and "menu" not in article[1].content
     assert [r.kind for r in gone] == ["bookmark"]
+
+
+def test_a_large_import_writes_its_own_segment_searched_before_and_after_its_index(
+    engine, upload_root: Path, user_id: str
+) -> None:  # type: ignore[no-untyped-def]
+    """BULK_SEGMENT_MIN_BOOKMARKS: the import's vectors go to a partition of their own with no
+    vector index, are found by search at once (exactly), and get their index in bulk when
+    the import ends; a redelivered batch writes nothing twice; another user sees nothing."""
+    from worker.bookmarks import importer, segments
+    from worker.config import get_settings
+    from worker.db.indexes import IndexSpec, index_state, segment_index_name
+    from worker.search import semantic_search
+
+    path = upload_root / f"{user_id}-bulk.html"
+    path.write_bytes(generated_export(12, prefix=f"bulk{user_id}"))
+    with session_scope() as s:
+        job = queries.insert_import_job(s, user_id=user_id, filename=path.name, file_size=1)
+    settings = get_settings().model_copy(
+        update={"bulk_segment_min_bookmarks": 5, "bookmark_batch_size": 5}
+    )
+    batches = importer.run_import(engine, settings, job)
+    assert len(batches) == 3
+    results = [importer.embed_batch(engine, settings, b) for b in batches]
+    assert [r["segment"] for r in results] == [job] * 3
+    assert results[-1]["job_finished"] is True
+    assert importer.embed_batch(engine, settings, batches[0])["status"] == "skipped"
+
+    table = f"embedding_s{job}"
+    with session_scope() as s:
+        in_segment = s.execute(text(f"SELECT count(*), min(user_id) FROM {table}")).one()
+        elsewhere = s.execute(
+            text("SELECT count(*) FROM embedding_main WHERE user_id = :u"), {"u": user_id}
+        ).scalar_one()
+        assert (in_segment[0], in_segment[1], elsewhere) == (12, user_id, 0)
+        assert segments.pending_segments(s.connection()) == [job]
+        # Searched before its index exists (exact_threshold=0 asks for the index plan).
+        hits = semantic_search(s, user_id, "Page 7 about topic 7", exact_threshold=0, limit=3)
+        assert hits and hits[0].title == "Page 7 about topic 7"
+        assert semantic_search(s, f"{user_id}-other", "Page 7 about topic 7", limit=3) == []
+        spec_row = s.execute(
+            text(
+                "SELECT name, dimensions, distance, index_kind, index_precision, index_params "
+                "FROM embedding_model WHERE serving"
+            )
+        ).one()
+
+    report = segments.index_segment(engine, job)
+    spec = IndexSpec.from_row(spec_row)
+    assert report["built"] == [segment_index_name(spec, job)]
+    with session_scope() as s:
+        conn = s.connection()
+        assert index_state(conn, segment_index_name(spec, job)) == "valid"
+        assert job not in segments.pending_segments(conn)
+        hits = semantic_search(s, user_id, "Page 7 about topic 7", exact_threshold=0, limit=3)
+        assert hits and hits[0].title == "Page 7 about topic 7"
+    assert segments.index_segment(engine, job)["built"] == []  # idempotent
+
+    # Cancelling or deleting such an import drops its partition with every vector in it.
+    with session_scope() as s:
+        s.execute(text("DELETE FROM item WHERE user_id = :u"), {"u": user_id})
+    assert segments.drop_segment(engine, job) is True
+    assert segments.drop_segment(engine, job) is False
+    with session_scope() as s:
+        assert s.execute(text("SELECT to_regclass(:t)"), {"t": table}).scalar() is None

@@ -120,7 +120,7 @@ def reindex_running(engine: Engine) -> bool:
             conn.execute(
                 text(
                     "SELECT count(*) FROM pg_stat_progress_create_index "
-                    "WHERE relid = 'embedding'::regclass AND command LIKE 'REINDEX%'"
+                    "WHERE relid = 'embedding_main'::regclass AND command LIKE 'REINDEX%'"
                 )
             ).scalar()
         )
@@ -178,11 +178,11 @@ def no_autovacuum(engine: Engine) -> Iterator[None]:
     """Autovacuum could clean the dead tuples a test made before the code under test sees
     them; switched off on the two tables for the test only."""
     with engine.begin() as conn:
-        for table in ("item", "embedding"):
+        for table in ("item", "embedding_main"):
             conn.execute(text(f"ALTER TABLE {table} SET (autovacuum_enabled = false)"))
     yield
     with engine.begin() as conn:
-        for table in ("item", "embedding"):
+        for table in ("item", "embedding_main"):
             conn.execute(text(f"ALTER TABLE {table} RESET (autovacuum_enabled)"))
 
 
@@ -264,7 +264,7 @@ def test_upkeep_measures_rebuilds_after_churn_and_records(
             text("DELETE FROM embedding WHERE user_id = :u AND chunk_index % 7 <> 0"), {"u": big}
         )
         flush_stats(conn)
-    wait_for(lambda: dead_tuples(engine, "embedding") >= 2000, "dead tuples in pg_stat")
+    wait_for(lambda: dead_tuples(engine, "embedding_main") >= 2000, "dead tuples in pg_stat")
     since = db_now(engine)
 
     result = upkeep.run_index_upkeep(engine, get_settings(), sample_size=30, models=[DEFAULT_MODEL])
@@ -498,17 +498,19 @@ def test_vacuum_lowers_dead_tuples_and_rebuilds_churned_hnsw_first(
         conn.execute(text("DELETE FROM item WHERE user_id = :u"), {"u": user})
         flush_stats(conn)
     wait_for(
-        lambda: dead_tuples(engine, "item") >= 1500 and dead_tuples(engine, "embedding") >= 1500,
+        lambda: (
+            dead_tuples(engine, "item") >= 1500 and dead_tuples(engine, "embedding_main") >= 1500
+        ),
         "dead tuples in pg_stat",
     )
 
     result = run_vacuum(engine)
 
     tables = {t["table"]: t for t in result["tables"]}
-    for name in ("item", "embedding"):
+    for name in ("item", "embedding_main"):
         assert tables[name]["dead_before"] >= 1500
         assert tables[name]["dead_after"] < tables[name]["dead_before"]
-    actions = {e["index"]: e["action"] for e in tables["embedding"]["pre_rebuild"]}
+    actions = {e["index"]: e["action"] for e in tables["embedding_main"]["pre_rebuild"]}
     assert actions[SPEC.name] == "reindex concurrently"
     assert dead_tuples(engine, "item") < 1500
 
@@ -656,7 +658,7 @@ def test_stats_snapshot_is_recorded(engine: Engine) -> None:
     result = snapshot(engine)
     assert not result["skipped"]
     tables = {t["table"] for t in result["tables"]}
-    assert {"item", "embedding", "maintenance_run"} <= tables
+    assert {"item", "embedding_main", "maintenance_run"} <= tables
     model = next(m for m in result["models"] if m["model"] == DEFAULT_MODEL)
     assert model["index"] == SPEC.name and model["index_bytes"] > 0
     [row] = [r for r in history(engine, limit=10) if r["id"] == result["run_id"]]

@@ -113,6 +113,12 @@ class Settings(BaseSettings):
     openai_api_key: SecretStr | None = Field(None, description="Never logged or printed.")
     openai_timeout: float = Field(30.0, gt=0, description="Seconds; then the local analyzer.")
     bookmark_batch_size: int = Field(256, ge=1, le=10000, description="Bookmarks per embed task.")
+    bulk_segment_min_bookmarks: int = Field(
+        5000,
+        ge=0,
+        description="Imports with this many new bookmarks get an embedding partition of their "
+        "own, indexed in bulk at the end; 0 switches it off.",
+    )
 
     # --- bookmark page fetching (worker/bookmarks/fetch.py) ---------------------------
     fetch_pages: bool = Field(

@@ -44,6 +44,7 @@ from worker.backfill import (
     serving_model,
     stage_missing,
 )
+from worker.bookmarks.segments import segment_index_names
 from worker.config import Settings, get_settings
 from worker.db.engine import session_scope
 from worker.db.indexes import check_model_name, drop_model_index, index_name, index_state
@@ -431,7 +432,10 @@ def retire(engine: Engine, name: str, *, batch_rows: int = RETIRE_BATCH_ROWS) ->
     # The index first: nothing searches a retired model, and a VACUUM after the deletes is
     # far cheaper without an HNSW index full of dead tuples.
     index = index_name(name, row.index_kind)
-    drop_model_index(engine, index)
+    with engine.connect() as conn:
+        on_segments = segment_index_names(conn, index)
+    for each in (index, *on_segments):
+        drop_model_index(engine, each)
     deleted, batches = _delete_vectors(engine, name, batch_rows)
     with session_scope(engine) as s:
         s.execute(

@@ -21,6 +21,7 @@ from worker.app import (
     TASK_EMBED_BOOKMARKS,
     TASK_HEALTH,
     TASK_IMPORT_BOOKMARKS,
+    TASK_INDEX_SEGMENT,
     TASK_MAINT_INDEXES,
     TASK_MAINT_PURGE,
     TASK_MAINT_REQUEUE,
@@ -182,6 +183,12 @@ def embed_bookmark_batch(self: Task, batch_id: int) -> dict[str, Any]:
             lambda message: importer.fail_batch(engine, batch_id, message),
         )
     if result.get("job_finished"):
+        if result.get("segment"):
+            # Its partition has no vector index yet: build it in bulk now (it is searched
+            # exactly meanwhile). Index upkeep catches a lost message.
+            app.send_task(
+                TASK_INDEX_SEGMENT, args=[result["job_id"]], queue=settings.queue_maintenance
+            )
         # Fresh statistics for the planner right after a bulk load.
         app.send_task(
             TASK_MAINT_VACUUM,
@@ -189,6 +196,39 @@ def embed_bookmark_batch(self: Task, batch_id: int) -> dict[str, Any]:
             queue=settings.queue_maintenance,
         )
     return result
+
+
+# A bulk HNSW build of a million-row segment runs well past the per-item limits; cutting it
+# short leaves an INVALID index to drop and the same build to start again.
+SEGMENT_INDEX_TIME_LIMIT = 4 * 3600
+
+
+@app.task(
+    name=TASK_INDEX_SEGMENT,
+    bind=True,
+    soft_time_limit=SEGMENT_INDEX_TIME_LIMIT,
+    time_limit=SEGMENT_INDEX_TIME_LIMIT + 60,
+)
+def index_import_segment(self: Task, job_id: int) -> dict[str, Any]:
+    """Bulk-build the vector indexes of a finished large import's partition."""
+    from worker.bookmarks.segments import index_segment
+    from worker.db.engine import get_engine
+
+    job_id = int(job_id)
+    engine = get_engine(get_settings())
+
+    def leave_to_upkeep(message: str) -> None:
+        # Nothing is lost: the segment is searched exactly until then, and index upkeep
+        # builds whatever segment is still unindexed (index_pending_segments).
+        log.warning("segment of import job %s left to index upkeep: %s", job_id, message)
+
+    with log_context(import_job_id=job_id, task_id=self.request.id):
+        return run_guarded(
+            self,
+            f"segment index of import job {job_id}",
+            lambda: index_segment(engine, job_id),
+            leave_to_upkeep,
+        )
 
 
 # --- maintenance (beat) --------------------------------------------------------------------

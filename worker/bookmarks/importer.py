@@ -34,6 +34,7 @@ from worker.bookmarks.fetch import (
     policy_from_settings,
 )
 from worker.bookmarks.parse import ParsedBookmark, SkippedEntry, iter_bookmarks
+from worker.bookmarks.segments import create_segment
 from worker.config import Settings
 from worker.db import queries
 from worker.db.engine import session_scope
@@ -165,10 +166,18 @@ def _copy_stage(session: Session, rows: Iterable[StagedBookmark]) -> None:
 
 
 def stage_import(
-    session: Session, job_id: int, user_id: str, export: ParsedExport, *, batch_size: int
+    session: Session,
+    job_id: int,
+    user_id: str,
+    export: ParsedExport,
+    *,
+    batch_size: int,
+    segment_min_rows: int | None = None,
 ) -> dict[str, int]:
     """In the caller's transaction: merge duplicates into the user's live bookmarks, insert
-    the new items + bookmarks, and cut their ids into embedding batches."""
+    the new items + bookmarks, and cut their ids into embedding batches. With at least
+    ``segment_min_rows`` new bookmarks the job gets an embedding partition of its own
+    (worker.bookmarks.segments)."""
     # One import per user at a time through this section: two concurrent imports of the same
     # URL would otherwise both see it as new and one would hit the unique index.
     session.execute(
@@ -219,6 +228,9 @@ def stage_import(
         ).scalars()
     )
     batches = [new_ids[i : i + batch_size] for i in range(0, len(new_ids), batch_size)]
+    segment = 0
+    if segment_min_rows is not None and len(new_ids) >= segment_min_rows:
+        segment = create_segment(session, job_id)
     for seq, ids in enumerate(batches):
         session.execute(
             text(
@@ -259,6 +271,7 @@ def stage_import(
         "duplicates": duplicates,
         "skipped": skipped,
         "batches": len(batches),
+        "segment": segment,
     }
 
 
@@ -343,7 +356,12 @@ def _parse_and_stage(engine: Engine, settings: Settings, claim: JobClaim) -> Non
         return
     with watch.stage("write"), session_scope(engine) as s:
         summary = stage_import(
-            s, claim.job_id, claim.user_id, export, batch_size=settings.bookmark_batch_size
+            s,
+            claim.job_id,
+            claim.user_id,
+            export,
+            batch_size=settings.bookmark_batch_size,
+            segment_min_rows=settings.bulk_segment_min_bookmarks or None,
         )
     _job_line(claim.job_id, "staged", watch, summary)
     metrics.bookmarks({"duplicate": summary["duplicates"], "skipped": summary["skipped"]})
@@ -420,6 +438,7 @@ class BatchClaim:
     item_ids: list[int]
     attempt: int
     claimed_at: datetime
+    segment: int = 0  # the embedding partition its vectors go to (0: the main one)
 
 
 def claim_batch(engine: Engine, batch_id: int, *, max_attempts: int) -> BatchClaim | None:
@@ -427,7 +446,7 @@ def claim_batch(engine: Engine, batch_id: int, *, max_attempts: int) -> BatchCla
         row = s.execute(
             text(
                 "SELECT b.import_job_id, b.user_id, b.item_ids, b.status, b.attempts, "
-                "j.status AS job_status FROM import_batch b "
+                "j.status AS job_status, coalesce(j.segment, 0) AS segment FROM import_batch b "
                 "JOIN import_job j ON j.id = b.import_job_id WHERE b.id = :id FOR UPDATE OF b"
             ),
             {"id": batch_id},
@@ -452,7 +471,13 @@ def claim_batch(engine: Engine, batch_id: int, *, max_attempts: int) -> BatchCla
             {"id": batch_id},
         ).one()
         return BatchClaim(
-            batch_id, row.import_job_id, row.user_id, list(row.item_ids), attempt, claimed_at
+            batch_id,
+            row.import_job_id,
+            row.user_id,
+            list(row.item_ids),
+            attempt,
+            claimed_at,
+            segment=row.segment,
         )
 
 
@@ -564,6 +589,7 @@ def write_batch(
                 ),
                 model=model,
                 dimensions=dimensions,
+                segment=claim.segment,
             )
         s.execute(
             text(
@@ -646,6 +672,7 @@ def _embed_claimed(engine: Engine, settings: Settings, claim: BatchClaim) -> dic
         "status": status,
         "items": len(rows),
         "job_finished": bool(finished),
+        "segment": claim.segment,
     }
 
 

@@ -21,6 +21,9 @@ DEFAULT_PARAMS: dict[str, dict[str, int]] = {
     "hnsw": {"m": 16, "ef_construction": 64},
     "ivfflat": {"lists": 100},
 }
+# ``embedding`` is partitioned by segment (migration 0004); vector indexes live on each
+# partition, not on the parent: the main one, and a bulk import's own once it is done.
+MAIN_PARTITION = "embedding_main"
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/@+-]{0,127}$")
 INDEX_PREFIX = "embedding_vec_"
 
@@ -90,11 +93,26 @@ def model_predicate(model: str, column: str = "model") -> str:
     return f"{column} = {sql_literal(check_model_name(model))}"
 
 
-def create_index_sql(spec: IndexSpec, *, name: str | None = None, concurrently: bool = True) -> str:
+def segment_table(segment: int) -> str:
+    return MAIN_PARTITION if segment == 0 else f"embedding_s{int(segment)}"
+
+
+def segment_index_name(spec: IndexSpec, segment: int) -> str:
+    """The model's index on a segment's partition (the main one keeps ``spec.name``)."""
+    return spec.name if segment == 0 else f"{spec.name}_s{int(segment)}"
+
+
+def create_index_sql(
+    spec: IndexSpec,
+    *,
+    name: str | None = None,
+    concurrently: bool = True,
+    table: str = MAIN_PARTITION,
+) -> str:
     params = ", ".join(f"{k} = {v}" for k, v in spec.build_params().items())
     return (
         f"CREATE INDEX {'CONCURRENTLY ' if concurrently else ''}IF NOT EXISTS "
-        f"{name or spec.name} ON embedding USING {spec.kind} "
+        f"{name or spec.name} ON {table} USING {spec.kind} "
         f"({vector_expr(spec)} {spec.opclass}) WITH ({params}) "
         f"WHERE {model_predicate(spec.model)}"
     )
@@ -111,6 +129,7 @@ def create_model_index(
     name: str | None = None,
     maintenance_work_mem: str = "512MB",
     parallel_workers: int = 2,
+    table: str = MAIN_PARTITION,
 ) -> str:
     """Build the model's index with ``CREATE INDEX CONCURRENTLY`` (inserts keep working),
     with more memory and no statement timeout for this session only (a timeout half-way
@@ -127,7 +146,7 @@ def create_model_index(
     ) as conn:
         if index_state(conn, index) == "invalid":
             conn.execute(text(drop_index_sql(index)))
-        conn.execute(text(create_index_sql(spec, name=index)))
+        conn.execute(text(create_index_sql(spec, name=index, table=table)))
     return index
 
 

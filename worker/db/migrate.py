@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 
 from alembic.config import Config
 from alembic.script import ScriptDirectory
@@ -46,3 +48,19 @@ def history(settings: Settings | None = None) -> None:
 
 def revision(message: str, settings: Settings | None = None) -> None:
     command.revision(alembic_config(settings), message=message, autogenerate=True)
+
+
+# embedding's partitions (migration 0004) are made at run time, not declared.
+_EMBEDDING_PARTITION = re.compile(r"^embedding_(main|s\d+)$")
+
+
+def include_object(
+    obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any
+) -> bool:
+    """What autogenerate compares. Left out on purpose: the per-model vector indexes (created
+    from embedding_model rows by worker.db.indexes) and embedding's partitions."""
+    if type_ == "index" and reflected and name and name.startswith("embedding_vec_"):
+        return False
+    if type_ == "table" and name and _EMBEDDING_PARTITION.match(name):
+        return False
+    return not (type_ == "table" and name == "alembic_version")

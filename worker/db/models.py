@@ -143,6 +143,10 @@ class ImportJob(Base):
     skipped_reasons: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
     attempts: Mapped[int] = mapped_column(Integer, server_default="0")
     error: Mapped[str | None] = mapped_column(Text)
+    # The embedding partition of a large import (its job id), None when the import wrote
+    # into the main one; indexed_at is set when its vector indexes are built.
+    segment: Mapped[int | None] = mapped_column(BigInteger)
+    segment_indexed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = _created()
@@ -264,9 +268,15 @@ class Analysis(Base):
 
 
 class Embedding(Base):
+    """Partitioned by ``segment`` (migration 0004): 0 is ``embedding_main``, where uploads and
+    small imports go and the per-model vector indexes live; a large import writes into a
+    partition of its own that gets its vector index in one bulk build at the end
+    (worker.bookmarks.segments)."""
+
     __tablename__ = "embedding"
 
-    id: Mapped[int] = _pk()
+    id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
+    segment: Mapped[int] = mapped_column(BigInteger, primary_key=True, server_default="0")
     item_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("item.id", ondelete="CASCADE"))
     analysis_id: Mapped[int | None] = mapped_column(
         BigInteger, ForeignKey("analysis.id", ondelete="CASCADE")
@@ -287,13 +297,13 @@ class Embedding(Base):
     updated_at: Mapped[datetime] = _updated()
 
     __table_args__ = (
-        # A redelivered task can never write a chunk twice.
-        UniqueConstraint(
-            "item_id", "model", "chunk_index", name="uq_embedding_item_id_model_chunk_index"
-        ),
+        # A redelivered task can never write a chunk twice (an item's rows all live in one
+        # segment; a partitioned table's unique keys must hold the partition key).
+        UniqueConstraint("item_id", "model", "chunk_index", "segment"),
         Index("ix_embedding_user_id_model", "user_id", "model"),
         Index("ix_embedding_search_vector", "search_vector", postgresql_using="gin"),
         Index("ix_embedding_analysis_id", "analysis_id"),
+        {"postgresql_partition_by": "LIST (segment)"},
     )
 
 

@@ -147,7 +147,7 @@ def stats(engine: Engine) -> dict[str, Any]:
 
 
 def _pg_binary(name: str) -> str:
-    """The embedded server's own pg_dump/pg_restore when installed (versions must match the
+    """The embedded server's own pg_dump/pg_restore/psql when installed (versions must match the
     server's), else the one on PATH."""
     try:
         from worker.services import pginstall_dir
@@ -178,26 +178,42 @@ def backup(settings: Settings, file: Path) -> Path:
 
 
 def restore(settings: Settings, file: Path) -> None:
-    """pg_restore into the configured database, replacing objects that exist."""
+    """Replace the configured database's schema with the backup's, in one transaction: a
+    failed restore leaves the database as it was.
+
+    Not ``pg_restore --clean``: its drops run partition by partition and PostgreSQL refuses
+    to drop a partition's inherited constraints (``embedding`` is partitioned). Dropping the
+    schema first and replaying the dump's SQL through psql in a single transaction does the
+    same job atomically."""
     if not file.is_file():
         raise ConfigError(f"{file}: no such backup file")
+    script = subprocess.run(
+        [_pg_binary("pg_restore"), "--no-owner", "-f", "-", str(file)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if script.returncode != 0:
+        raise ConfigError(f"pg_restore failed to read {file}: {script.stderr.strip()}")
+    sql = "DROP SCHEMA IF EXISTS public CASCADE;\nCREATE SCHEMA public;\n" + script.stdout
     proc = subprocess.run(
         [
-            _pg_binary("pg_restore"),
-            "--clean",
-            "--if-exists",
-            "--no-owner",
+            _pg_binary("psql"),
+            "--no-psqlrc",
+            "--quiet",
             "--single-transaction",
+            "-v",
+            "ON_ERROR_STOP=1",
             "-d",
             settings.psycopg_dsn,
-            str(file),
         ],
+        input=sql,
         capture_output=True,
         text=True,
         check=False,
     )
     if proc.returncode != 0:
-        raise ConfigError(f"pg_restore failed: {proc.stderr.strip()}")
+        raise ConfigError(f"restore of {file} failed (nothing changed): {proc.stderr.strip()}")
 
 
 def reset(settings: Settings, engine: Engine) -> None:

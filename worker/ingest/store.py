@@ -27,9 +27,20 @@ log = logging.getLogger(__name__)
 
 EMBEDDING_COPY = (
     "COPY embedding (item_id, analysis_id, user_id, chunk_index, content, embedding, model, "
-    "dimensions, source) FROM STDIN (FORMAT BINARY)"
+    "dimensions, source, segment) FROM STDIN (FORMAT BINARY)"
 )
-EMBEDDING_TYPES = ["int8", "int8", "text", "int4", "text", "vector", "text", "int4", "jsonb"]
+EMBEDDING_TYPES = [
+    "int8",
+    "int8",
+    "text",
+    "int4",
+    "text",
+    "vector",
+    "text",
+    "int4",
+    "jsonb",
+    "int8",
+]
 
 
 @dataclass(frozen=True)
@@ -198,9 +209,11 @@ def copy_embeddings(
     *,
     model: str,
     dimensions: int,
+    segment: int = 0,
 ) -> int:
     """Binary COPY of vectors (about 5x executemany here); ``rows`` are (item_id, analysis_id,
-    user_id, chunk). Runs inside the caller's transaction."""
+    user_id, chunk). ``segment`` picks the partition (worker.bookmarks.segments; 0 = main).
+    Runs inside the caller's transaction."""
     import numpy as np
 
     count = 0
@@ -218,6 +231,7 @@ def copy_embeddings(
                     model,
                     dimensions,
                     Jsonb(chunk.source),
+                    segment,
                 )
             )
             count += 1

@@ -41,10 +41,12 @@ from numpy.typing import NDArray
 from pgvector import Vector
 from sqlalchemy import Connection, Engine, text
 
+from worker.bookmarks.segments import index_pending_segments
 from worker.config import Settings
 from worker.db.engine import autocommit_session
 from worker.db.indexes import (
     DEFAULT_PARAMS,
+    MAIN_PARTITION,
     IndexSpec,
     create_index_sql,
     create_model_index,
@@ -59,7 +61,10 @@ from worker.maintenance.runs import advisory_lock, maintenance_run, table_stats
 log = logging.getLogger(__name__)
 
 K = 10
+# Queries read the partitioned parent (every segment, as searches do); statistics, VACUUM
+# and the vector indexes that upkeep manages belong to the main partition.
 TABLE = "embedding"
+STATS_TABLE = MAIN_PARTITION
 DEFAULT_EF_SEARCH = 40  # pgvector's default
 # Query-time settings tried, smallest first, when recall falls short on a healthy index.
 EF_SEARCH_LADDER = (40, 64, 100, 160, 250, 400)
@@ -516,7 +521,7 @@ def decide(
     if growth is not None and growth > limits.max_growth:
         reasons.append(f"rows grew {growth:.0%} since build")
     if dead_share > limits.max_dead_share:
-        reasons.append(f"dead tuples {dead_share:.0%} of {TABLE}")
+        reasons.append(f"dead tuples {dead_share:.0%} of {STATS_TABLE}")
     if churn is not None and churn > limits.max_churn:
         reasons.append(f"{churn:.0%} of rows deleted or updated since build")
     return reasons
@@ -620,7 +625,7 @@ def _json(value: Any) -> str:
 
 def current_writes(engine: Engine) -> int:
     with engine.connect() as conn:
-        return int(table_stats(conn, [TABLE]).get(TABLE, {}).get("index_writes") or 0)
+        return int(table_stats(conn, [STATS_TABLE]).get(STATS_TABLE, {}).get("index_writes") or 0)
 
 
 def churn_since_build(model: ModelRow, writes_now: int) -> float | None:
@@ -825,7 +830,7 @@ def upkeep_model(engine: Engine, model: ModelRow, opts: UpkeepOptions) -> dict[s
         rows = count_rows(conn, spec.model)
         state = index_state(conn, spec.name)
         matches = state == "valid" and definition_matches(conn, spec, spec.name)
-        stats = table_stats(conn, [TABLE])[TABLE]
+        stats = table_stats(conn, [STATS_TABLE])[STATS_TABLE]
     out: dict[str, Any] = {"model": spec.model, "index": spec.name, "kind": spec.kind}
     out["drift"] = {
         "rows": rows,
@@ -969,7 +974,7 @@ def _rebuild_and_record(
     if drift["dead_share"] > opts.limits.max_dead_share or churned:
         # The rebuilt index holds no dead tuples but the heap still does: VACUUM now (fast
         # with a fresh index), or the next run would see the same dead share and rebuild again.
-        out["vacuum"] = _vacuum_table(engine, TABLE)
+        out["vacuum"] = _vacuum_table(engine, STATS_TABLE)
     out.update(_after_build(engine, model, rows, opts, sample))
     return out
 
@@ -1014,6 +1019,7 @@ def run_index_upkeep(
             exact_below=settings.exact_search_max_rows,
         )
         run.details["invalid_indexes"] = drop_invalid_indexes(engine, dry_run=dry_run)
+        run.details["segments"] = index_pending_segments(engine, dry_run=dry_run)
         run.details["models"] = {}
         loading = set() if models is not None else _still_loading(engine)
         for name in sorted(loading):
