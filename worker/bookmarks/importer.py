@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Final
 from urllib.parse import unquote, urlsplit
 
 from sqlalchemy import Engine, text
@@ -88,7 +88,16 @@ def _union(a: Sequence[str], b: Sequence[str]) -> list[str]:
     return list(dict.fromkeys([*a, *b]))
 
 
+# The host of a plain URL, without urlsplit (100,000 calls per large import). The lookahead
+# refuses "user:pass@host", whose first token is not the host.
+_PLAIN_HOST_OF: Final = re.compile(
+    r"^[A-Za-z][A-Za-z0-9+.\-]*://([A-Za-z0-9\-._]+)(?=[/?#]|$|:\d*(?:[/?#]|$))"
+)
+
+
 def domain_of(url: str) -> str | None:
+    if plain := _PLAIN_HOST_OF.match(url):
+        return plain.group(1).lower()
     try:
         host = urlsplit(url).hostname
     except ValueError:

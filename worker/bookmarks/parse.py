@@ -45,6 +45,7 @@ from itertools import islice
 from typing import BinaryIO, Final, TextIO
 
 from worker.bookmarks.canonical import skip_reason
+from worker.bookmarks.markup import FastMarkupParser
 from worker.errors import BookmarkFormatError
 
 __all__ = [
@@ -524,7 +525,7 @@ class _PendingAnchor:
     description: list[str] = field(default_factory=list)
 
 
-class _NetscapeParser(HTMLParser):
+class _NetscapeParser(FastMarkupParser):
     """Builds entries from the tag stream into ``out``; the caller drains it after every
     ``feed`` so that memory stays bounded.
 
@@ -582,25 +583,10 @@ class _NetscapeParser(HTMLParser):
         # stray one from making HTMLParser buffer the rest of the file looking for its end.
         return
 
-    def parse_starttag(self, i: int) -> int:
-        # HTMLParser finds a start tag's end with a regex whose memory grows with the number
-        # of attribute-like tokens (~600 bytes each): 2 MB of "<a x=1 x=1 ..." would take
-        # 500 MB. Wait cheaply while no ">" has arrived, and drop a tag with absurdly many
-        # tokens unparsed; real bookmark tags have a dozen attributes.
-        end = self.rawdata.find(">", i)
-        if end < 0:
-            return -1  # incomplete: more input, or finish() drops it at the end
-        if _too_many_tokens(self.rawdata, i, end):
-            return end + 1
-        return super().parse_starttag(i)
-
-    def parse_marked_section(self, i: int, report: bool = True) -> int:
-        # HTMLParser raises AssertionError on "<![junk"; read it as a bogus comment instead.
-        try:
-            return super().parse_marked_section(i, report)
-        except AssertionError:
-            end = self.rawdata.find(">", i + 3)
-            return -1 if end < 0 else end + 1
+    def parse_starttag_guard(self, i: int, close: int) -> int | None:
+        # A tag with absurdly many attribute-like tokens ("<a x=1 x=1 ..." for 2 MB) is
+        # dropped unparsed; real bookmark tags have a dozen attributes.
+        return close + 1 if _too_many_tokens(self.rawdata, i, close) else None
 
     # called by _iter_netscape -------------------------------------------------------------
 
