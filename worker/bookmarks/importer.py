@@ -142,7 +142,26 @@ def read_export(fp: BinaryIO, *, fmt: str | None = None, filename: str = "") -> 
 
 # --- stage -------------------------------------------------------------------------------
 
-_STAGE_COLUMNS = "ord, canonical_url, url, title, domain, folder_path, tags, description, added_at"
+_STAGE_COLUMNS = (
+    "ord, canonical_url, url, title, domain, folders_raw, tags_raw, description, added_at"
+)
+
+
+_COPY_ESCAPES: Final = str.maketrans(
+    {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r", "\x00": ""}
+)
+# Folder and tag lists travel as one text field split in SQL: psycopg adapting a Python list
+# per row was a third of the staging time for a 100,000-bookmark import.
+_LIST_SEP: Final = "\x1f"
+_COPY_BLOCK_ROWS: Final = 2000
+
+
+def _copy_field(value: str | None) -> str:
+    return "\\N" if value is None else value.translate(_COPY_ESCAPES)
+
+
+def _copy_list(values: Sequence[str]) -> str:
+    return _LIST_SEP.join(v.replace(_LIST_SEP, " ") for v in values).translate(_COPY_ESCAPES)
 
 
 def _copy_stage(session: Session, rows: Iterable[StagedBookmark]) -> None:
@@ -150,28 +169,46 @@ def _copy_stage(session: Session, rows: Iterable[StagedBookmark]) -> None:
         text(
             "CREATE TEMP TABLE bookmark_stage (ord int, canonical_url text, url text, "
             "title text, domain text, folder_path text[], tags text[], description text, "
-            "added_at timestamptz, item_id bigint) ON COMMIT DROP"
+            "added_at timestamptz, item_id bigint, folders_raw text, tags_raw text) "
+            "ON COMMIT DROP"
         )
     )
     raw = psycopg_connection(session.connection())
+    # COPY's text format written by hand in blocks: no per-row adaptation.
     with (
         raw.cursor() as cur,
         cur.copy(f"COPY bookmark_stage ({_STAGE_COLUMNS}) FROM STDIN") as copy,
     ):
+        block: list[str] = []
         for ord_, b in enumerate(rows):
-            copy.write_row(
-                (
-                    ord_,
-                    b.canonical_url,
-                    b.url.replace("\x00", ""),
-                    b.title.replace("\x00", ""),
-                    b.domain,
-                    [f.replace("\x00", "") for f in b.folder_path],
-                    [t.replace("\x00", "") for t in b.tags],
-                    (b.description or "").replace("\x00", "") or None,
-                    b.added_at,
+            block.append(
+                "\t".join(
+                    (
+                        str(ord_),
+                        _copy_field(b.canonical_url),
+                        _copy_field(b.url),
+                        _copy_field(b.title),
+                        _copy_field(b.domain),
+                        _copy_list(b.folder_path),
+                        _copy_list(b.tags),
+                        _copy_field(b.description or None),
+                        "\\N" if b.added_at is None else b.added_at.isoformat(),
+                    )
                 )
             )
+            if len(block) >= _COPY_BLOCK_ROWS:
+                copy.write("\n".join(block) + "\n")
+                block = []
+        if block:
+            copy.write("\n".join(block) + "\n")
+    session.execute(
+        text(
+            "UPDATE bookmark_stage SET "
+            "folder_path = CASE WHEN folders_raw = '' THEN '{}' "
+            "ELSE string_to_array(folders_raw, chr(31)) END, "
+            "tags = CASE WHEN tags_raw = '' THEN '{}' ELSE string_to_array(tags_raw, chr(31)) END"
+        )
+    )
 
 
 def stage_import(
@@ -240,13 +277,16 @@ def stage_import(
     segment = 0
     if segment_min_rows is not None and len(new_ids) >= segment_min_rows:
         segment = create_segment(session, job_id)
-    for seq, ids in enumerate(batches):
+    if new_ids:
+        # One statement for every batch: seq n holds ids [n*size, (n+1)*size) in order.
         session.execute(
             text(
                 "INSERT INTO import_batch (import_job_id, user_id, seq, item_ids) "
-                "VALUES (:job, :u, :seq, :ids)"
+                "SELECT :job, :u, (o - 1) / :size, array_agg(id ORDER BY o) "
+                "FROM unnest(CAST(:ids AS bigint[])) WITH ORDINALITY AS t(id, o) "
+                "GROUP BY (o - 1) / :size ORDER BY 3"
             ),
-            {"job": job_id, "u": user_id, "seq": seq, "ids": ids},
+            {"job": job_id, "u": user_id, "size": batch_size, "ids": new_ids},
         )
     # ON COMMIT DROP covers the usual case; dropping now lets a caller stage twice in one
     # transaction.
