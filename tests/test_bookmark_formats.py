@@ -703,3 +703,66 @@ def test_unrecognised_export_fails_with_the_formats_we_take(
     assert progress.error.startswith(f"{path.name}: this is a JSON object")
     for label in FORMAT_LABELS.values():
         assert label in progress.error
+
+
+# --------------------------------------------------------------------------- size
+
+
+def big_linkwarden(links_per_collection: int, collections: int) -> bytes:
+    """A Linkwarden export whose links carry page text (older exports included it)."""
+    page = "Lorem ipsum dolor sit amet. " * 80  # ~2 KiB per link
+    cols = []
+    for c in range(collections):
+        links = [
+            {
+                "id": c * links_per_collection + i,
+                "name": f"Link {c}-{i}",
+                "url": f"https://example.com/{c}/{i}",
+                "textContent": page,
+                "tags": [{"id": i % 5, "name": f"t{i % 5}"}],
+                "createdAt": "2024-01-02T10:04:00.000Z",
+            }
+            for i in range(links_per_collection)
+        ]
+        cols.append({"id": c + 1, "name": f"C{c}", "parentId": None, "links": links})
+    return json.dumps({"name": "x", "collections": cols, "pinnedLinks": cols[0]["links"]}).encode()
+
+
+def test_linkwarden_streams_in_bounded_memory(tmp_path: Path) -> None:
+    import tracemalloc
+
+    path = tmp_path / "backup.json"
+    path.write_bytes(big_linkwarden(2500, 4))
+    assert path.stat().st_size > 20_000_000
+    tracemalloc.start()
+    try:
+        count, last = 0, None
+        with path.open("rb") as fp:
+            for entry in iter_bookmarks(fp):
+                assert isinstance(entry, ParsedBookmark)
+                count, last = count + 1, entry
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert count == 10_000
+    assert last is not None and last.folder_path == ("C3",) and last.tags == ("t4",)
+    assert peak < 16 * 1024 * 1024  # a fraction of the 20 MB file
+
+
+def test_karakeep_elements_spanning_blocks() -> None:
+    bookmarks = [
+        {
+            "createdAt": 1700000000 + i,
+            "title": "x" * (i * 37 % 5000),
+            "tags": ["a"],
+            "lists": ["l"] if i % 2 else [],
+            "content": {"type": "link", "url": f"https://e.com/{i}"},
+            "note": None,
+        }
+        for i in range(400)
+    ]
+    data = json.dumps({"bookmarks": bookmarks, "lists": [{"id": "l", "name": "L"}]}).encode()
+    assert len(data) > 3 * 65536
+    marks = [e for e in parse_bytes(data) if isinstance(e, ParsedBookmark)]
+    assert sorted(m.url for m in marks) == sorted(f"https://e.com/{i}" for i in range(400))
+    assert all(m.folder_path == (("L",) if int(m.url.rsplit("/", 1)[1]) % 2 else ()) for m in marks)

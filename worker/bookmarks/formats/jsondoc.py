@@ -71,7 +71,10 @@ class JsonDocument(_JsonArrayReader):
         elif opening == "{":
             self._pos += 1
             for _ in self.members():
-                yield from self.skip()
+                # One level down only: each member is decoded whole, so nesting costs no
+                # recursion here (the decoder's own limit applies).
+                if isinstance(value := self.value(), SkippedEntry):
+                    yield value
         elif isinstance(value := self._next_element(), SkippedEntry):
             yield value
 
