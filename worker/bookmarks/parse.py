@@ -933,7 +933,9 @@ class _JsonArrayReader:
 
     ``json.JSONDecoder.raw_decode`` decodes one element from a buffer that holds at most a
     few blocks plus the element; a bad element is skipped by resynchronising on the next
-    ``},{`` (Pinboard's objects are flat, so that separator only appears between them)."""
+    ``},{`` (Pinboard's objects are flat, so that separator only appears between them; in the
+    nested exports read by ``worker.bookmarks.formats.jsondoc`` it may land inside an element,
+    whose pieces are then reported as malformed too)."""
 
     def __init__(self, text: TextIO, *, what: str = "a Pinboard JSON export") -> None:
         self._text = text
