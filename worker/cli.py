@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import click
 
+from worker.bookmarks.parse import FORMATS
 from worker.config import get_settings
 from worker.errors import WorkerError
 from worker.render import table as _table
@@ -357,13 +358,23 @@ def import_group() -> None:
 @import_group.command("bookmarks")
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--user", "user_id", required=True)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(FORMATS),
+    default=None,
+    help="The export's format, when detection from the content should not decide.",
+)
 @click.option("--wait", is_flag=True, help="Show progress (rate, ETA) and a summary.")
 @click.option("--timeout", default=24 * 3600.0, show_default=True)
-def import_bookmarks_cmd(file: Path, user_id: str, wait: bool, timeout: float) -> None:
-    """Import a bookmark export (Netscape HTML from any browser, Pinboard JSON, CSV)."""
+def import_bookmarks_cmd(
+    file: Path, user_id: str, fmt: str | None, wait: bool, timeout: float
+) -> None:
+    """Import a bookmark export: browser HTML, Pinboard, Pocket, Instapaper, Raindrop,
+    Readwise, Omnivore, wallabag, Linkwarden, Karakeep, OneTab, a list of URLs, or CSV."""
     from worker import client
 
-    job_id = client.import_bookmarks(user_id, file.absolute())
+    job_id = client.import_bookmarks(user_id, file.absolute(), fmt=fmt)
     click.echo(f"import job {job_id} queued")
     if wait:
         _wait_import(user_id, job_id, timeout)

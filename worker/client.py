@@ -17,6 +17,7 @@ from typing import Any
 from celery import Celery
 
 from worker import app as app_module
+from worker.bookmarks.parse import FORMATS
 from worker.config import Settings, get_settings
 from worker.db import queries
 from worker.db.engine import session_scope
@@ -84,17 +85,25 @@ def import_bookmarks(
     user_id: str,
     path: str | os.PathLike[str],
     *,
+    fmt: str | None = None,
     settings: Settings | None = None,
     celery: Celery | None = None,
 ) -> int:
     """Register a bookmark export (stored under UPLOAD_ROOT) and queue its import.
-    Returns the import job id."""
+    ``fmt`` names its format (one of ``worker.bookmarks.parse.FORMATS``) when detection
+    from the content should not decide. Returns the import job id."""
     settings = settings or get_settings()
     _require_user(user_id)
+    if fmt is not None and fmt not in FORMATS:
+        raise ValueError(f"unknown bookmark format {fmt!r}; the formats are {', '.join(FORMATS)}")
     real, rel = _stored_file(path, settings)
     with session_scope() as session:
         job_id = queries.insert_import_job(
-            session, user_id=user_id, filename=rel, file_size=real.stat().st_size
+            session,
+            user_id=user_id,
+            filename=rel,
+            file_size=real.stat().st_size,
+            source_format=fmt,
         )
     _send(
         celery or app_module.app, app_module.TASK_IMPORT_BOOKMARKS, [job_id], settings.queue_imports

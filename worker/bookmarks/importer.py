@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -64,6 +64,10 @@ class StagedBookmark:
     tags: list[str]
     description: str | None
     added_at: datetime | None
+    note: str | None = None
+    is_read: bool | None = None
+    is_archived: bool | None = None
+    extra: dict[str, object] = field(default_factory=dict)
 
     def merge(self, other: ParsedBookmark) -> None:
         """A duplicate within the file: unite tags and folders, fill what is missing."""
@@ -73,6 +77,10 @@ class StagedBookmark:
         self.description = self.description or other.description or None
         if other.added_at and (self.added_at is None or other.added_at < self.added_at):
             self.added_at = other.added_at
+        self.note = self.note or other.note.strip() or None
+        self.is_read = other.read if self.is_read is None else self.is_read
+        self.is_archived = other.archived if self.is_archived is None else self.is_archived
+        self.extra = {**other.extra, **self.extra}
 
 
 @dataclass
@@ -108,10 +116,8 @@ def domain_of(url: str) -> str | None:
 def read_export(fp: BinaryIO, *, fmt: str | None = None, filename: str = "") -> ParsedExport:
     """Stream the export; memory grows with the number of distinct bookmarks, not the size
     of the file (icons and long lines are dropped by the parser as it goes)."""
-    entries: Iterator[ParsedBookmark | SkippedEntry] = iter_bookmarks(
-        fp, fmt=fmt, filename=filename
-    )
-    export = ParsedExport(format=fmt or "auto")
+    entries = iter_bookmarks(fp, fmt=fmt, filename=filename)
+    export = ParsedExport(format=entries.format)
     for entry in entries:
         export.entries += 1
         if isinstance(entry, SkippedEntry):
@@ -136,6 +142,10 @@ def read_export(fp: BinaryIO, *, fmt: str | None = None, filename: str = "") -> 
             tags=list(dict.fromkeys(entry.tags)),
             description=entry.description.strip() or None,
             added_at=entry.added_at,
+            note=entry.note.strip() or None,
+            is_read=entry.read,
+            is_archived=entry.archived,
+            extra=dict(entry.extra),
         )
     return export
 
@@ -143,7 +153,8 @@ def read_export(fp: BinaryIO, *, fmt: str | None = None, filename: str = "") -> 
 # --- stage -------------------------------------------------------------------------------
 
 _STAGE_COLUMNS = (
-    "ord, canonical_url, url, title, domain, folders_raw, tags_raw, description, added_at"
+    "ord, canonical_url, url, title, domain, folders_raw, tags_raw, description, added_at, "
+    "note, is_read, is_archived, extra"
 )
 
 
@@ -164,13 +175,17 @@ def _copy_list(values: Sequence[str]) -> str:
     return _LIST_SEP.join(v.replace(_LIST_SEP, " ") for v in values).translate(_COPY_ESCAPES)
 
 
+def _copy_bool(value: bool | None) -> str:
+    return "\\N" if value is None else ("t" if value else "f")
+
+
 def _copy_stage(session: Session, rows: Iterable[StagedBookmark]) -> None:
     session.execute(
         text(
             "CREATE TEMP TABLE bookmark_stage (ord int, canonical_url text, url text, "
             "title text, domain text, folder_path text[], tags text[], description text, "
-            "added_at timestamptz, item_id bigint, folders_raw text, tags_raw text) "
-            "ON COMMIT DROP"
+            "added_at timestamptz, note text, is_read boolean, is_archived boolean, "
+            "extra jsonb, item_id bigint, folders_raw text, tags_raw text) ON COMMIT DROP"
         )
     )
     raw = psycopg_connection(session.connection())
@@ -193,6 +208,10 @@ def _copy_stage(session: Session, rows: Iterable[StagedBookmark]) -> None:
                         _copy_list(b.tags),
                         _copy_field(b.description or None),
                         "\\N" if b.added_at is None else b.added_at.isoformat(),
+                        _copy_field(b.note or None),
+                        _copy_bool(b.is_read),
+                        _copy_bool(b.is_archived),
+                        _copy_field(_json(_without_nul(b.extra))),
                     )
                 )
             )
@@ -237,7 +256,10 @@ def stage_import(
             "tags = ARRAY(SELECT DISTINCT t FROM unnest(b.tags || s.tags) t), "
             "folder_path = CASE WHEN cardinality(b.folder_path) = 0 THEN s.folder_path "
             "ELSE b.folder_path END, "
-            "description = coalesce(b.description, s.description), updated_at = now() "
+            "description = coalesce(b.description, s.description), "
+            "note = coalesce(b.note, s.note), is_read = coalesce(b.is_read, s.is_read), "
+            "is_archived = coalesce(b.is_archived, s.is_archived), "
+            "extra = s.extra || b.extra, updated_at = now() "
             "FROM bookmark_stage s WHERE b.user_id = :u AND b.deleted_at IS NULL "
             "AND b.canonical_url = s.canonical_url"
         ),
@@ -262,8 +284,9 @@ def stage_import(
     session.execute(
         text(
             "INSERT INTO bookmark (item_id, user_id, url, canonical_url, domain, folder_path, "
-            "tags, description, added_at, import_job_id) SELECT item_id, :u, url, "
-            "canonical_url, domain, folder_path, tags, description, added_at, :job "
+            "tags, description, added_at, note, is_read, is_archived, extra, import_job_id) "
+            "SELECT item_id, :u, url, canonical_url, domain, folder_path, tags, description, "
+            "added_at, note, is_read, is_archived, extra, :job "
             "FROM bookmark_stage WHERE item_id IS NOT NULL ORDER BY ord"
         ),
         {"u": user_id, "job": job_id},
@@ -324,6 +347,17 @@ def stage_import(
     }
 
 
+def _without_nul(value: Any) -> Any:
+    """``value`` with NUL characters dropped from its strings: jsonb refuses ``\\u0000``."""
+    if isinstance(value, str):
+        return value.replace("\x00", "")
+    if isinstance(value, dict):
+        return {_without_nul(k): _without_nul(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_without_nul(v) for v in value]
+    return value
+
+
 def _json(value: Any) -> str:
     import json
 
@@ -339,12 +373,16 @@ class JobClaim:
     user_id: str
     filename: str
     staged: bool  # batches exist: parsing is done, only embedding remains
+    fmt: str | None = None  # the format the producer named; None: detect it
 
 
 def claim_job(engine: Engine, job_id: int) -> JobClaim | None:
     with session_scope(engine) as s:
         row = s.execute(
-            text("SELECT user_id, filename, status FROM import_job WHERE id = :id FOR UPDATE"),
+            text(
+                "SELECT user_id, filename, status, source_format FROM import_job "
+                "WHERE id = :id FOR UPDATE"
+            ),
             {"id": job_id},
         ).first()
         if row is None or row.status not in ("queued", "processing"):
@@ -360,7 +398,7 @@ def claim_job(engine: Engine, job_id: int) -> JobClaim | None:
             text("SELECT EXISTS (SELECT 1 FROM import_batch WHERE import_job_id = :id)"),
             {"id": job_id},
         ).scalar_one()
-        return JobClaim(job_id, row.user_id, row.filename, bool(staged))
+        return JobClaim(job_id, row.user_id, row.filename, bool(staged), row.source_format)
 
 
 def fail_job(engine: Engine, job_id: int, message: str) -> None:
@@ -398,7 +436,7 @@ def _parse_and_stage(engine: Engine, settings: Settings, claim: JobClaim) -> Non
     watch = Stopwatch()
     try:
         with watch.stage("parse"), open_export(settings, claim.filename) as fp:
-            export = read_export(fp, filename=claim.filename)
+            export = read_export(fp, fmt=claim.fmt, filename=claim.filename)
     except PermanentError as exc:  # format, source, empty file
         fail_job(engine, claim.job_id, str(exc))
         _job_line(claim.job_id, "failed", watch, {}, error=str(exc))

@@ -21,8 +21,11 @@ Format notes:
   "Bookmarks Toolbar"); ``toolbar`` says whether the bookmark sits in the toolbar folder.
 * Pinboard JSON (``/v1/posts/all?format=json`` or the settings backup): an array of objects
   ``{href, description (the title), extended, tags, time, toread, shared}``.
-* CSV with a header naming a ``url``/``href``/``link`` column (Pocket, Raindrop, Instapaper
-  and hand-made exports).
+* CSV with a header naming a ``url``/``href``/``link`` column (hand-made exports, and any
+  tool's CSV whose header we do not recognise).
+* The exports of the read-it-later and bookmarking tools people leave (Pocket, Instapaper,
+  Raindrop, Readwise Reader, Omnivore, wallabag, Linkwarden, Karakeep, OneTab) and plain lists
+  of URLs: parsed in ``worker.bookmarks.formats``, detected here (``detect_format``).
 
 Tags are split, stripped and deduplicated case-insensitively; the first spelling wins.
 Dates become UTC-aware datetimes; epoch numbers may be seconds, milliseconds, microseconds
@@ -37,12 +40,12 @@ import html
 import io
 import json
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
 from itertools import islice
-from typing import BinaryIO, Final, TextIO
+from typing import BinaryIO, Final, Protocol, TextIO, TypeVar
 
 from worker.bookmarks.canonical import skip_reason
 from worker.bookmarks.markup import FastMarkupParser
@@ -51,6 +54,8 @@ from worker.errors import BookmarkFormatError
 __all__ = [
     "BLOCK_SIZE",
     "FORMATS",
+    "FORMAT_LABELS",
+    "Bookmarks",
     "Entry",
     "ParsedBookmark",
     "SkippedEntry",
@@ -58,10 +63,30 @@ __all__ = [
     "iter_bookmarks",
 ]
 
-FORMATS: Final = ("netscape", "pinboard_json", "csv")
+# Every format we take, by the name ``--format`` and ``import_job.source_format`` use, with the
+# words an error message uses for it.
+FORMAT_LABELS: Final = {
+    "netscape": "Netscape bookmark HTML (exported by Chrome, Edge, Firefox, Safari and most "
+    "bookmark services)",
+    "pinboard_json": "Pinboard JSON",
+    "pocket_html": "Pocket HTML (ril_export.html)",
+    "pocket_csv": "Pocket CSV",
+    "instapaper_csv": "Instapaper CSV",
+    "raindrop_csv": "Raindrop CSV",
+    "readwise_csv": "Readwise Reader CSV",
+    "omnivore_json": "Omnivore JSON (metadata_*.json from its export)",
+    "wallabag_json": "wallabag JSON",
+    "linkwarden_json": "Linkwarden JSON backup",
+    "karakeep_json": "Karakeep JSON",
+    "onetab": "OneTab text (url | title lines)",
+    "url_list": "a plain list of URLs, one per line",
+    "csv": "CSV with a url column",
+}
+FORMATS: Final = tuple(FORMAT_LABELS)
 _FORMATS_WE_TAKE: Final = (
-    "we take Netscape bookmark HTML (exported by Chrome, Edge, Firefox or Safari), "
-    "Pinboard JSON, or CSV with a url column"
+    "we take "
+    + ", ".join(FORMAT_LABELS[f] for f in FORMATS[:-1])
+    + f", or {FORMAT_LABELS[FORMATS[-1]]}"
 )
 
 BLOCK_SIZE: Final = 64 * 1024
@@ -102,6 +127,9 @@ class ParsedBookmark:
     added_at: datetime | None = None
     modified_at: datetime | None = None
     toolbar: bool = False
+    note: str = ""  # what the user wrote about it, where the tool keeps that apart
+    read: bool | None = None  # None: the export does not say
+    archived: bool | None = None
     extra: dict[str, object] = field(default_factory=dict)
 
 
@@ -121,9 +149,13 @@ Entry = ParsedBookmark | SkippedEntry
 
 
 def detect_format(head: bytes) -> str:
-    """Return "netscape", "pinboard_json" or "csv" for the first bytes of an export.
+    """Return the name (one of ``FORMATS``) of the format of an export, from its first bytes.
 
-    Raises BookmarkFormatError with a message a person can act on otherwise."""
+    The order: binary files are refused; JSON is told apart by its top-level keys or by the
+    keys of the array's first object; HTML by the Netscape doctype, Pocket's signature, then
+    any DL/DT list; a first line that is a URL makes a text list (OneTab when its lines hold
+    " | "); a header line makes a CSV (the tools' own headers first, then any url column).
+    Raises BookmarkFormatError with a message that lists the formats we take otherwise."""
     if not head.strip():
         raise BookmarkFormatError("the file is empty")
     encoding = _bom_encoding(head)
@@ -134,18 +166,98 @@ def detect_format(head: bytes) -> str:
         raise BookmarkFormatError("the file is empty")
     lowered = text.lower()
     if text.startswith("["):
-        return "pinboard_json"
+        return _json_array_format(text)
     if text.startswith("{"):
-        raise BookmarkFormatError(_json_object_message(lowered))
-    if "<!doctype netscape-bookmark-file" in lowered or re.search(r"<d[lt][\s>]", lowered):
+        return _json_object_format(text, lowered)
+    if "<!doctype netscape-bookmark-file" in lowered:
+        return "netscape"
+    has_list = re.search(r"<d[lt][\s>]", lowered) is not None
+    # Pocket's ril_export.html: <h1>Unread</h1><ul><li><a href time_added tags>, no DL.
+    if "<title>pocket export</title>" in lowered or ("time_added=" in lowered and not has_list):
+        return "pocket_html"
+    if has_list:
         return "netscape"
     if text.startswith("<"):
         raise BookmarkFormatError(
             f"this is HTML or XML but holds no bookmark list (no <DL>/<DT>); {_FORMATS_WE_TAKE}"
         )
+    if (text_list := _text_list_format(text)) is not None:
+        return text_list
     if _looks_like_csv_header(text):
-        return "csv"
+        return _csv_format(text)
     raise BookmarkFormatError(f"this is not a bookmark export we recognise; {_FORMATS_WE_TAKE}")
+
+
+# A JSON key: a quoted name followed by a colon, not inside an escaped string (wallabag's
+# exported page HTML holds ``href=\"...\"``).
+_JSON_KEY: Final = r'(?<!\\)"{}"\s*:'
+
+
+def _has_key(text: str, *keys: str) -> bool:
+    return all(re.search(_JSON_KEY.format(re.escape(key)), text) for key in keys)
+
+
+def _json_array_format(text: str) -> str:
+    """Pinboard, wallabag and Omnivore export arrays of objects; their keys tell them apart."""
+    if re.match(r"\[\s*(\]|$)", text):
+        return "pinboard_json"  # an empty array: nothing to import, whoever wrote it
+    if _has_key(text, "href"):
+        return "pinboard_json"
+    if _has_key(text, "is_archived") or _has_key(text, "is_starred"):
+        return "wallabag_json"
+    if _has_key(text, "slug", "savedAt") or _has_key(text, "labels", "readingProgress"):
+        return "omnivore_json"
+    keys = sorted(set(re.findall(r'(?<!\\)"([^"\\]{1,40})"\s*:', text[:HEAD_SIZE])))[:12]
+    found = f"objects with the keys {', '.join(keys)}" if keys else "no objects"
+    raise BookmarkFormatError(
+        f"this is a JSON array of {found}: not a bookmark export we recognise; {_FORMATS_WE_TAKE}"
+    )
+
+
+def _json_object_format(text: str, lowered: str) -> str:
+    if re.search(_JSON_KEY.format("bookmarks") + r"\s*\[", text):
+        return "karakeep_json"
+    if re.search(_JSON_KEY.format("collections") + r"\s*\[", text):
+        return "linkwarden_json"
+    raise BookmarkFormatError(_json_object_message(lowered))
+
+
+_URL_LINE: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://\S")
+_TEXT_LIST_SAMPLE: Final = 20  # lines looked at to tell OneTab from a plain list
+
+
+def _text_list_format(text: str) -> str | None:
+    """The text list format ("onetab" or "url_list") when the first line that is neither
+    blank nor a "#" comment is a URL, else None."""
+    stripped = (line.strip() for line in text.splitlines()[:200])
+    lines = [line for line in stripped if line and not line.startswith("#")]
+    if not lines or not _URL_LINE.match(lines[0]):
+        return None
+    sample = lines[:_TEXT_LIST_SAMPLE]
+    return "onetab" if any(" | " in line for line in sample) else "url_list"
+
+
+# The columns each tool's CSV export has (lower case); a header holding all of them is that
+# tool's. Checked in this order, so the most specific header wins.
+_CSV_SIGNATURES: Final = (
+    ("raindrop_csv", frozenset({"id", "title", "note", "excerpt", "url", "folder", "tags"})),
+    ("readwise_csv", frozenset({"title", "url", "document tags", "saved date", "location"})),
+    ("instapaper_csv", frozenset({"url", "title", "selection", "folder"})),
+    ("pocket_csv", frozenset({"title", "url", "time_added", "status"})),
+)
+
+
+def _csv_format(text: str) -> str:
+    first_line = text.split("\n", 1)[0]
+    try:
+        header = next(csv.reader([first_line], delimiter=_csv_delimiter(first_line)), [])
+    except csv.Error:
+        return "csv"
+    columns = {cell.strip().strip("\ufeff").strip().lower() for cell in header}
+    for fmt, signature in _CSV_SIGNATURES:
+        if signature <= columns:
+            return fmt
+    return "csv"
 
 
 _BOMS: Final = (
@@ -196,8 +308,8 @@ def _json_object_message(lowered: str) -> str:
     else:
         what = "a JSON object"
     return (
-        f"this is {what}, not a Pinboard JSON array; export your bookmarks to HTML from "
-        f"the browser's bookmark manager ({_FORMATS_WE_TAKE})"
+        f"this is {what}, not a bookmark export we recognise; export your bookmarks to HTML "
+        f"from the browser's bookmark manager ({_FORMATS_WE_TAKE})"
     )
 
 
@@ -214,9 +326,19 @@ def _looks_like_csv_header(text: str) -> bool:
 # --------------------------------------------------------------------------- entry point
 
 
-def iter_bookmarks(
-    fp: BinaryIO, *, fmt: str | None = None, filename: str = ""
-) -> Iterator[ParsedBookmark | SkippedEntry]:
+class Bookmarks(Iterator[Entry]):
+    """The entries of one export, read as they are iterated, and the format they are read as
+    (detected, or the one the caller named)."""
+
+    def __init__(self, fmt: str, entries: Iterator[Entry]) -> None:
+        self.format = fmt
+        self._entries = entries
+
+    def __next__(self) -> Entry:
+        return next(self._entries)
+
+
+def iter_bookmarks(fp: BinaryIO, *, fmt: str | None = None, filename: str = "") -> Bookmarks:
     """Yield the entries of the export read from ``fp`` (a binary file), block by block.
 
     The format is detected from the first bytes unless ``fmt`` names one of ``FORMATS``.
@@ -232,12 +354,28 @@ def iter_bookmarks(
             raise BookmarkFormatError("the file is empty")
         fmt = fmt or detect_format(head)
         if fmt not in FORMATS:
-            raise BookmarkFormatError(f"unknown bookmark format {fmt!r}; {_FORMATS_WE_TAKE}")
+            raise BookmarkFormatError(
+                f"unknown bookmark format {fmt!r} (the names are {', '.join(FORMATS)}); "
+                f"{_FORMATS_WE_TAKE}"
+            )
     except BookmarkFormatError as exc:
         raise BookmarkFormatError(f"{label}{exc}") from exc
     text = _open_text(head, fp, _choose_encoding(head, fmt))
-    parser = {"netscape": _iter_netscape, "pinboard_json": _iter_pinboard, "csv": _iter_csv}[fmt]
-    return _guarded(parser(text), label)
+    return Bookmarks(fmt, _guarded(_parser_for(fmt)(text), label))
+
+
+def _parser_for(fmt: str) -> Callable[[TextIO], Iterator[Entry]]:
+    own: dict[str, Callable[[TextIO], Iterator[Entry]]] = {
+        "netscape": _iter_netscape,
+        "pinboard_json": _iter_pinboard,
+        "csv": _iter_csv,
+    }
+    if fmt in own:
+        return own[fmt]
+    # Imported here: the tools' parsers build on this module's helpers.
+    from worker.bookmarks.formats import PARSERS
+
+    return PARSERS[fmt]
 
 
 def _guarded(entries: Iterator[Entry], label: str) -> Iterator[Entry]:
@@ -331,7 +469,7 @@ def _choose_encoding(head: bytes, fmt: str) -> tuple[str, str]:
     bom = _bom_encoding(head)
     if bom is not None:
         return (bom, _CP1252_FALLBACK if bom == "utf-8-sig" else "replace")
-    if fmt == "netscape":
+    if fmt in ("netscape", "pocket_html"):
         declared = _declared_charset(head[:HEAD_SIZE])
         if declared is not None:
             return (declared, _CP1252_FALLBACK if declared == "utf-8" else "replace")
@@ -781,10 +919,13 @@ class _JsonArrayReader:
 
     ``json.JSONDecoder.raw_decode`` decodes one element from a buffer that holds at most a
     few blocks plus the element; a bad element is skipped by resynchronising on the next
-    ``},{`` (Pinboard's objects are flat, so that separator only appears between them)."""
+    ``},{`` (Pinboard's objects are flat, so that separator only appears between them; in the
+    nested exports read by ``worker.bookmarks.formats.jsondoc`` it may land inside an element,
+    whose pieces are then reported as malformed too)."""
 
-    def __init__(self, text: TextIO) -> None:
+    def __init__(self, text: TextIO, *, what: str = "a Pinboard JSON export") -> None:
         self._text = text
+        self._what = what  # for the error when the file is not an array
         self._buf = ""
         self._pos = 0
         self._consumed = 0  # characters dropped from the buffer, for error positions
@@ -794,11 +935,18 @@ class _JsonArrayReader:
     def elements(self) -> Iterator[object | SkippedEntry]:
         self._skip(" \t\r\n\ufeff")
         if self._at_end() or self._buf[self._pos] != "[":
-            raise BookmarkFormatError("a Pinboard JSON export must be a JSON array")
+            raise BookmarkFormatError(f"{self._what} must be a JSON array")
         self._pos += 1
+        yield from self.items()
+
+    def items(self) -> Iterator[object | SkippedEntry]:
+        """The elements of an array whose "[" has been read, up to and including its "]"."""
         while True:
             self._skip(" \t\r\n,")
-            if self._at_end() or self._buf[self._pos] == "]":
+            if self._at_end():
+                return
+            if self._buf[self._pos] == "]":
+                self._pos += 1
                 return
             yield self._next_element()
 
@@ -878,15 +1026,29 @@ def _href_in(buf: str, start: int, end: int) -> str:
 
 
 def _iter_pinboard(text: TextIO) -> Iterator[Entry]:
-    for element in _JsonArrayReader(text).elements():
+    yield from _json_entries(_JsonArrayReader(text).elements(), _pinboard_entry, "href")
+
+
+def _json_entries(
+    elements: Iterable[object | SkippedEntry],
+    make_entry: Callable[[object], Entry],
+    url_key: str,
+) -> Iterator[Entry]:
+    """``make_entry`` for each decoded element; one that fails is reported as malformed, with
+    its ``url_key`` value when it has one."""
+    for element in elements:
         if isinstance(element, SkippedEntry):
             yield element
-            continue
-        try:
-            yield _pinboard_entry(element)
-        except _INPUT_ERRORS as exc:
-            href = element.get("href") if isinstance(element, dict) else None
-            yield _malformed(href if isinstance(href, str) else "", exc)
+        else:
+            yield _json_entry(element, make_entry, url_key)
+
+
+def _json_entry(element: object, make_entry: Callable[[object], Entry], url_key: str) -> Entry:
+    try:
+        return make_entry(element)
+    except _INPUT_ERRORS as exc:
+        url = element.get(url_key) if isinstance(element, dict) else None
+        return _malformed(url if isinstance(url, str) else "", exc)
 
 
 def _pinboard_entry(element: object) -> Entry:
@@ -898,15 +1060,16 @@ def _pinboard_entry(element: object) -> Entry:
     if (skipped := _skip_for(href)) is not None:
         return skipped
     extra: dict[str, object] = {}
-    for key in ("toread", "shared"):
-        if (flag := _bool_flag(element.get(key))) is not None:
-            extra[key] = flag
+    if (shared := _bool_flag(element.get("shared"))) is not None:
+        extra["shared"] = shared
+    toread = _bool_flag(element.get("toread"))
     return ParsedBookmark(
         url=href.strip(),
         title=_one_line(_text(element.get("description"))),
         tags=_pinboard_tags(element.get("tags")),
         description=_text(element.get("extended")).strip(),
         added_at=_parse_date(_text(element.get("time"))),
+        read=None if toread is None else not toread,
         extra=extra,
     )
 
@@ -969,11 +1132,31 @@ class _CsvColumns:
 
 
 def _iter_csv(text: TextIO) -> Iterator[Entry]:
+    yield from _csv_entries(text, _CsvColumns.from_header, _csv_entry)
+
+
+class _UrlColumn(Protocol):
+    @property
+    def url(self) -> int:
+        """The index of the URL column, for reporting a row that cannot be read."""
+        ...
+
+
+_Header = TypeVar("_Header", bound=_UrlColumn)
+
+
+def _csv_entries(
+    text: TextIO,
+    read_header: Callable[[Sequence[str]], _Header],
+    make_entry: Callable[[Sequence[str], _Header], Entry],
+) -> Iterator[Entry]:
+    """The rows of a CSV export after its header, each made an entry by ``make_entry``; a
+    row that cannot be read is reported as malformed and the next one is read."""
     # readline(limit) keeps one unterminated line from being read whole into memory.
     lines = iter(lambda: text.readline(MAX_CSV_LINE_CHARS), "")
     first = next(lines, "")
     reader = csv.reader(_chain([first], lines), delimiter=_csv_delimiter(first))
-    columns = _csv_header(reader)
+    columns = _csv_header(reader, read_header)
     while True:
         try:
             row = next(reader)
@@ -985,9 +1168,9 @@ def _iter_csv(text: TextIO) -> Iterator[Entry]:
         if not any(cell.strip() for cell in row):
             continue  # blank lines are not entries
         try:
-            yield _csv_entry(row, columns)
+            yield make_entry(row, columns)
         except _INPUT_ERRORS as exc:
-            url = row[columns.url] if columns.url < len(row) else ""
+            url = row[columns.url] if 0 <= columns.url < len(row) else ""
             yield _malformed(url, exc)
 
 
@@ -1002,11 +1185,13 @@ def _csv_delimiter(first_line: str) -> str:
     return best if counts[best] else ","
 
 
-def _csv_header(reader: Iterator[list[str]]) -> _CsvColumns:
+def _csv_header(
+    reader: Iterator[list[str]], read_header: Callable[[Sequence[str]], _Header]
+) -> _Header:
     try:
         for header in reader:
             if any(cell.strip() for cell in header):
-                return _CsvColumns.from_header(header)
+                return read_header(header)
     except csv.Error as exc:
         raise BookmarkFormatError(f"the CSV header cannot be read: {exc}") from exc
     raise BookmarkFormatError("the CSV file has no header row")
@@ -1017,8 +1202,7 @@ def _csv_entry(row: Sequence[str], columns: _CsvColumns) -> Entry:
     if (skipped := _skip_for(url)) is not None:
         return skipped
     extra: dict[str, object] = {}
-    if status := columns.get(row, "status").lower():
-        extra["archived"] = status in _ARCHIVED_STATUSES  # Pocket: "unread" / "archive"
+    status = columns.get(row, "status").lower()  # Pocket: "unread" / "archive"
     if (favorite := _bool_flag(columns.get(row, "favorite") or None)) is not None:
         extra["favorite"] = favorite
     folder = columns.get(row, "folder")
@@ -1029,5 +1213,6 @@ def _csv_entry(row: Sequence[str], columns: _CsvColumns) -> Entry:
         tags=_split_tags(columns.get(row, "tags"), "|,"),
         description=columns.get(row, "description")[:MAX_TEXT_CHARS],
         added_at=_parse_date(columns.get(row, "added") or None),
+        archived=(status in _ARCHIVED_STATUSES) if status else None,
         extra=extra,
     )

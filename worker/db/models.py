@@ -205,6 +205,12 @@ class Bookmark(Base):
     tags: Mapped[list[str]] = mapped_column(server_default=text("'{}'::text[]"))
     description: Mapped[str | None] = mapped_column(Text)
     added_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The user's own note, and read/archived state (None: the export did not say); extra
+    # holds what the export said that has no column (favourite, tab group, ...).
+    note: Mapped[str | None] = mapped_column(Text)
+    is_read: Mapped[bool | None] = mapped_column(Boolean)
+    is_archived: Mapped[bool | None] = mapped_column(Boolean)
+    extra: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
     import_job_id: Mapped[int | None] = mapped_column(
         BigInteger, ForeignKey("import_job.id", ondelete="SET NULL")
     )

@@ -67,9 +67,21 @@ def insert_upload(
 
 
 def insert_import_job(
-    session: Session, *, user_id: str, filename: str, file_size: int | None
+    session: Session,
+    *,
+    user_id: str,
+    filename: str,
+    file_size: int | None,
+    source_format: str | None = None,
 ) -> int:
-    job = ImportJob(user_id=user_id, filename=filename, file_size_bytes=file_size)
+    """``source_format``: the format the producer named (None: detect it from the content);
+    once parsed, the format the file was read as."""
+    job = ImportJob(
+        user_id=user_id,
+        filename=filename,
+        file_size_bytes=file_size,
+        source_format=source_format,
+    )
     session.add(job)
     session.flush()
     return job.id
