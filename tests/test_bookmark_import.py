@@ -63,8 +63,10 @@ def test_bookmark_text_combines_every_field() -> None:
         ["Cooking", "Bread"],
         "en.wikipedia.org",
         "https://en.wikipedia.org/wiki/Sourdough_starter",
+        note="feed it twice a day",
     )
     for part in (
+        "feed it twice a day",
         "Sourdough",
         "Wild yeast",
         "bread, baking",

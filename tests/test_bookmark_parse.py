@@ -199,6 +199,7 @@ def test_safari_export() -> None:
     ]
     assert all(b.added_at is None and b.modified_at is None for b in marks)
     assert marks[-1].extra == {"reading_list": True}
+    assert marks[-1].read is False and marks[0].read is None  # Reading List: not read yet
     assert marks[-1].description == "The first lines of the article, as Safari saved them."
 
 
@@ -677,3 +678,14 @@ def test_mutated_exports_never_crash(data: st.DataObject) -> None:
         if not raw:
             break
     consume(bytes(raw))
+
+
+def test_netscape_toread_sets_the_read_state() -> None:
+    data = (
+        b"<!DOCTYPE NETSCAPE-Bookmark-file-1>\n<DL><p>\n"
+        b'<DT><A HREF="https://a.example/" TOREAD="1">Later</A>\n'
+        b'<DT><A HREF="https://b.example/" TOREAD="0">Done</A>\n'
+        b'<DT><A HREF="https://c.example/">Plain</A>\n</DL><p>\n'
+    )
+    marks = bookmarks(list(iter_bookmarks(io.BytesIO(data))))
+    assert [b.read for b in marks] == [False, True, None]

@@ -499,9 +499,11 @@ def bookmark_text(
     folder_path: Sequence[str],
     domain: str | None,
     url: str,
+    note: str | None = None,
 ) -> str:
-    """What is embedded for a bookmark: its title, description, tags, folders, domain and the
-    words of the URL path (``/wiki/Sourdough_bread`` → "wiki Sourdough bread")."""
+    """What is embedded for a bookmark: its title, description, the user's own note, tags,
+    folders, domain and the words of the URL path (``/wiki/Sourdough_bread`` → "wiki
+    Sourdough bread")."""
     try:
         path_words = " ".join(_WORDS.findall(unquote(urlsplit(url).path)))
     except ValueError:
@@ -509,6 +511,7 @@ def bookmark_text(
     parts = [
         title or "",
         description or "",
+        note or "",
         ("tags: " + ", ".join(tags)) if tags else "",
         ("folder: " + " / ".join(folder_path)) if folder_path else "",
         domain or "",
@@ -587,8 +590,8 @@ def load_batch(engine: Engine, claim: BatchClaim) -> list[BatchRow]:
     with session_scope(engine) as s:
         rows = s.execute(
             text(
-                "SELECT i.id, i.title, b.url, b.domain, b.folder_path, b.tags, b.description "
-                "FROM item i JOIN bookmark b ON b.item_id = i.id "
+                "SELECT i.id, i.title, b.url, b.domain, b.folder_path, b.tags, b.description, "
+                "b.note FROM item i JOIN bookmark b ON b.item_id = i.id "
                 "WHERE i.id = ANY(:ids) AND i.user_id = :u AND i.deleted_at IS NULL "
                 "ORDER BY i.id"
             ),
@@ -598,7 +601,9 @@ def load_batch(engine: Engine, claim: BatchClaim) -> list[BatchRow]:
         BatchRow(
             r.id,
             r.url,
-            bookmark_text(r.title, r.description, r.tags, r.folder_path, r.domain, r.url),
+            bookmark_text(
+                r.title, r.description, r.tags, r.folder_path, r.domain, r.url, note=r.note
+            ),
         )
         for r in rows
     ]

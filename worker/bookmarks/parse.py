@@ -815,6 +815,7 @@ class _NetscapeParser(FastMarkupParser):
         if (skipped := _skip_for(href)) is not None:
             return skipped
         context = self._context
+        toread = _bool_flag(attrs.get("toread"))
         return ParsedBookmark(
             url=href.strip(),
             title=_one_line("".join(anchor.title)[:MAX_TEXT_CHARS]),
@@ -824,6 +825,8 @@ class _NetscapeParser(FastMarkupParser):
             added_at=_parse_epoch(attrs.get("add_date")),
             modified_at=_parse_epoch(attrs.get("last_modified")),
             toolbar=context.toolbar,
+            # Pinboard/Delicious TOREAD=1 means unread; a Safari Reading List entry too.
+            read=False if toread or context.reading_list else (None if toread is None else True),
             extra=_netscape_extra(attrs, context),
         )
 
