@@ -107,6 +107,8 @@ def test_token_batches_respect_both_bounds() -> None:
     for batch in batches:
         assert len(batch) <= 4
         assert len(batch) == 1 or len(batch) * max(lengths[k] for k in batch) <= 300
+        # Little padding: nothing under half the batch's longest text shares its batch.
+        assert min(lengths[k] for k in batch) >= 0.5 * max(lengths[k] for k in batch)
     # A single item longer than the token budget still gets its own batch.
     assert token_batches([0], [999], batch_size=4, max_batch_tokens=10) == [[0]]
 

@@ -181,6 +181,11 @@ class Settings(BaseSettings):
     # --- embedded services (demo, development, tests) ------------------------------------
     data_dir: Path = Field(Path(".data"), description="Embedded PostgreSQL and Redis data.")
     pg_port: int = Field(54329, ge=1, le=65535, description="Embedded PostgreSQL port.")
+    pg_shared_buffers: str = Field(
+        "1GB",
+        pattern=r"^[0-9]+(kB|MB|GB)$",
+        description="Embedded PostgreSQL shared_buffers: vector indexes should fit in it.",
+    )
     redis_port: int = Field(63799, ge=1, le=65535, description="Embedded Redis port.")
 
     @field_validator("log_level", mode="before")

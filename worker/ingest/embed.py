@@ -129,18 +129,29 @@ def _quiet_progress_bars() -> None:
     hf_logging.disable_progress_bar()
 
 
+# A text shorter than this share of its batch's longest starts a new batch: padding is
+# computed like real tokens, so a document's short last chunk (or a keyword beside the
+# title+summary) would otherwise cost as much as a full one.
+MIN_FILL = 0.5
+
+
 def token_batches(
     order: Sequence[int], lengths: Sequence[int], batch_size: int, max_batch_tokens: int
 ) -> list[list[int]]:
     """Consecutive runs of ``order`` with at most ``batch_size`` items and at most
-    ``max_batch_tokens`` padded tokens (items x longest item) each; a single item always
-    forms a batch, however long. ``order`` should be sorted by length so runs pad little."""
+    ``max_batch_tokens`` padded tokens (items x longest item) each, and no item shorter than
+    ``MIN_FILL`` of its batch's longest; a single item always forms a batch, however long.
+    ``order`` should be sorted by length, longest first, so runs pad little."""
     batches: list[list[int]] = []
     batch: list[int] = []
     longest = 0
     for k in order:
         widest = max(longest, lengths[k])
-        if batch and (len(batch) >= batch_size or (len(batch) + 1) * widest > max_batch_tokens):
+        if batch and (
+            len(batch) >= batch_size
+            or (len(batch) + 1) * widest > max_batch_tokens
+            or lengths[k] < MIN_FILL * widest
+        ):
             batches.append(batch)
             batch, widest = [], lengths[k]
         batch.append(k)
