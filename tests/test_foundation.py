@@ -118,3 +118,16 @@ def test_config_command_masks_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "s3cret" not in proc.stdout and "app:***@db" in proc.stdout
+
+
+def test_unset_urls_follow_the_embedded_ports(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second checkout on other ports must not reach the first one's database or queues."""
+    from worker.config import load_settings
+
+    for name in ("DATABASE_URL", "REDIS_URL"):
+        monkeypatch.delenv(name, raising=False)
+    settings = load_settings(pg_port=55999, redis_port=63999)
+    assert settings.database_url == "postgresql+psycopg://postgres@127.0.0.1:55999/worker"
+    assert settings.redis_url == "redis://127.0.0.1:63999/0"
+    given = load_settings(pg_port=55999, database_url="postgresql://u@db.example/prod")
+    assert given.database_url == "postgresql+psycopg://u@db.example/prod"

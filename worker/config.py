@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.errors import ConfigError
@@ -57,9 +57,12 @@ class Settings(BaseSettings):
     # --- connections -------------------------------------------------------------------
     database_url: str = Field(
         "postgresql+psycopg://postgres@127.0.0.1:54329/worker",
-        description="SQLAlchemy URL of PostgreSQL with pgvector (psycopg 3 driver).",
+        description="SQLAlchemy URL of PostgreSQL with pgvector (psycopg 3 driver); unset, "
+        "the embedded server's on PG_PORT.",
     )
-    redis_url: str = Field("redis://127.0.0.1:63799/0", description="Redis for Celery.")
+    redis_url: str = Field(
+        "redis://127.0.0.1:63799/0", description="Redis for Celery; unset, the embedded one's."
+    )
     broker_url: str | None = Field(None, description="Celery broker; defaults to REDIS_URL.")
     result_backend: str | None = Field(
         None, description="Celery result backend; defaults to REDIS_URL."
@@ -187,6 +190,17 @@ class Settings(BaseSettings):
         description="Embedded PostgreSQL shared_buffers: vector indexes should fit in it.",
     )
     redis_port: int = Field(63799, ge=1, le=65535, description="Embedded Redis port.")
+
+    @model_validator(mode="after")
+    def _embedded_urls_follow_ports(self) -> Settings:
+        """Unset URLs point at the embedded services on PG_PORT / REDIS_PORT: a second
+        checkout started with other ports must not talk to the first one's database and
+        queues (a worker would take the other's tasks)."""
+        if "database_url" not in self.model_fields_set:
+            self.database_url = f"postgresql+psycopg://postgres@127.0.0.1:{self.pg_port}/worker"
+        if "redis_url" not in self.model_fields_set:
+            self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
+        return self
 
     @field_validator("log_level", mode="before")
     @classmethod
