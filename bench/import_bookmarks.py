@@ -166,7 +166,7 @@ def _batch_stages(log_path: Path) -> dict[str, float]:
             record = json.loads(line)
         except ValueError:
             continue
-        if "bookmark batch" not in str(record.get("message", "")):
+        if "bookmark batch" not in str(record.get("msg", "")):
             continue
         for stage, ms in (record.get("durations_ms") or {}).items():
             totals[stage] = totals.get(stage, 0.0) + float(ms) / 1000
