@@ -245,7 +245,7 @@ def wait_for_dead_tuples(conn: psycopg.Connection[Any], at_least: int, timeout: 
     while time.monotonic() < deadline:
         conn.execute("SELECT pg_stat_clear_snapshot()")
         row = conn.execute(
-            "SELECT n_dead_tup FROM pg_stat_user_tables WHERE relname = 'embedding'"
+            "SELECT n_dead_tup FROM pg_stat_user_tables WHERE relname = 'embedding_main'"
         ).fetchone()
         if row and row[0] >= at_least:
             return
@@ -277,7 +277,7 @@ def run(
     with engine.begin() as c:
         # Only on this throw-away database: the figures show what upkeep does, not a race
         # with autovacuum (which, on a churned HNSW index, is the slow path of pgvector #450).
-        c.execute(text("ALTER TABLE embedding SET (autovacuum_enabled = false)"))
+        c.execute(text("ALTER TABLE embedding_main SET (autovacuum_enabled = false)"))
     rng = np.random.default_rng(seed)
     clusters = max(20, rows // 1000)
     centers = rng.standard_normal((clusters, DIMS)).astype(np.float32)
