@@ -23,6 +23,7 @@ from worker.bookmarks.importer import claim_batch
 from worker.config import Settings, get_settings, load_settings
 from worker.db.engine import session_scope
 from worker.errors import ConfigError
+from worker.status import imports_running
 from worker.subprocess_worker import WorkerProcess
 from worker.window import TimeWindow
 
@@ -237,7 +238,7 @@ def test_window_blocks_bulk_releases_but_not_interactive_work(engine: Engine) ->
     bulk = _bulk_job(engine, f"night-{tag}", 2)
     small = _bulk_job(engine, f"day-{tag}", 2, lane="interactive")
     try:
-        assert dispatch.release(engine, settings, now=at(12)) == []
+        assert dispatch.release(engine, settings, now=at(12), interactive=False) == []
         with engine.connect() as conn:
             ids = list(
                 conn.execute(
@@ -247,10 +248,48 @@ def test_window_blocks_bulk_releases_but_not_interactive_work(engine: Engine) ->
             )
         sent = dispatch.after_staging(engine, settings, small, ids)
         assert sent == [(TASK_EMBED_BOOKMARKS, [i], settings.queue_ingest) for i in ids]
-        opened = dispatch.release(engine, settings, now=at(23))
+        opened = dispatch.release(engine, settings, now=at(23), interactive=False)
         assert len(opened) == min(2, settings.bulk_in_flight_cap)
     finally:
         _close(engine, bulk, small)
+
+
+def test_interactive_work_leaves_a_process_free_for_a_while(service_urls: Any) -> None:
+    settings = get_settings().model_copy(
+        update={"bulk_max_in_flight": 3, "bulk_reserve_seconds": 0.5}
+    )
+    dispatch._redis(settings.celery_broker_url).delete(dispatch.INTERACTIVE_KEY)
+    assert not dispatch.interactive_recently(settings)
+    assert dispatch.in_flight_cap(settings, interactive=False) == 3
+    dispatch.note_interactive(settings)  # an upload was enqueued
+    assert dispatch.interactive_recently(settings)
+    assert dispatch.in_flight_cap(settings, interactive=True) == 2
+    wait_until("the marker to expire", lambda: not dispatch.interactive_recently(settings), 5)
+    one = settings.model_copy(update={"bulk_max_in_flight": 1})
+    assert dispatch.in_flight_cap(one, interactive=True) == 1  # never below one
+    off = settings.model_copy(update={"bulk_reserve_seconds": 0})
+    dispatch.note_interactive(off)
+    assert not dispatch.interactive_recently(off)
+
+
+def test_cli_control_names_what_it_refused(engine: Engine, user_id: str) -> None:
+    from click.testing import CliRunner
+
+    from worker.cli import cli
+
+    job = _bulk_job(engine, user_id, 2)
+    try:
+        runner = CliRunner()
+        out = runner.invoke(cli, ["import", "resume", str(job)])
+        assert out.exit_code == 1 and "not paused (status processing)" in out.output
+        out = runner.invoke(cli, ["import", "pause", str(job), "--user", "someone-else"])
+        assert out.exit_code == 1 and f"no import job {job} for user someone-else" in out.output
+        out = runner.invoke(cli, ["import", "pause", str(job), "--user", user_id])
+        assert out.exit_code == 0 and "paused: 2 batch(es) held" in out.output, out.output
+        out = runner.invoke(cli, ["import", "cancel", str(job), "--keep"])
+        assert out.exit_code == 0 and "cancelled: removed 0 unfinished" in out.output
+    finally:
+        _close(engine, job)
 
 
 def test_a_held_batch_is_not_claimed(engine: Engine) -> None:
@@ -278,6 +317,7 @@ FAIR_ENV = {
     "BULK_BATCH_SIZE": "20",
     "BULK_MAX_IN_FLIGHT_PER_USER": "1",
     "BULK_MAX_IN_FLIGHT": "1",
+    "BULK_RESERVE_SECONDS": "0",
     "WORKER_CONCURRENCY": "1",
 }
 
@@ -432,6 +472,9 @@ def test_pause_resume_loses_and_duplicates_nothing(
             {"j": job},
         ).one()
     assert held.held > 0 and held.running == 0
+    [row] = [r for r in imports_running(fair) if r["id"] == job]  # `worker status`
+    assert (row["status"], row["lane"], row["note"]) == ("paused", "bulk", "paused")
+    assert row["eta_s"] is None
     assert not client.resume_import(f"{user_id}-other", job, settings=fair)["ok"]  # not theirs
     assert client.resume_import(user_id, job, settings=fair)["ok"]
     final = client.wait_for_import(user_id, job, timeout=300)

@@ -76,6 +76,10 @@ def enqueue_upload(
     _send(
         celery or app_module.app, app_module.TASK_PROCESS_UPLOAD, [item_id], settings.queue_ingest
     )
+    # Bulk imports leave a process free for the next while uploads keep coming.
+    from worker.bookmarks.dispatch import note_interactive
+
+    note_interactive(settings)
     log.info("queued upload %s as item %s", rel, item_id, extra={"user_id": user_id})
     return item_id
 

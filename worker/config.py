@@ -151,8 +151,14 @@ class Settings(BaseSettings):
     bulk_max_in_flight: int | None = Field(
         None,
         ge=1,
-        description="Bulk batches queued or running at once, all users together; "
-        "default WORKER_CONCURRENCY.",
+        description="Bulk batches queued or running at once, all users together; default "
+        "WORKER_CONCURRENCY.",
+    )
+    bulk_reserve_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="After interactive work is seen (an upload or small import), release one "
+        "bulk batch fewer for this long, so a process is free for the next (0: never).",
     )
     embed_window: str | None = Field(
         None,

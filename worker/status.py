@@ -116,8 +116,8 @@ def imports_running(settings: Settings) -> list[dict[str, Any]]:
                     "lane": job.lane,
                     "processed": job.processed,
                     "total": job.total,
-                    "pct": round(100.0 * job.processed / max(job.total, 1), 1),
-                    "per_s": round(est.rate_per_s, 1) if est.rate_per_s else None,
+                    "pct": f"{100.0 * job.processed / max(job.total, 1):.1f}",
+                    "per_s": f"{est.rate_per_s:.1f}" if est.rate_per_s else None,
                     "eta_s": round(est.eta_s) if est.eta_s is not None else None,
                     "note": est.note or "",
                 }

@@ -124,10 +124,12 @@ def run_guarded(
 @app.task(name=TASK_PROCESS_UPLOAD, bind=True)
 def process_upload(self: Task, item_id: int) -> dict[str, Any]:
     """Parse, chunk, analyse, embed and store one uploaded file."""
+    from worker.bookmarks.dispatch import note_interactive
     from worker.db.engine import get_engine
     from worker.ingest import process, store
 
     item_id = int(item_id)
+    note_interactive(get_settings())  # also when requeue or a retry sent it, not a producer
     engine = get_engine(get_settings())
     # The pipeline adds the user and the stage; this block keeps the ids on the retry and
     # failure lines, logged after the pipeline returned.
@@ -181,6 +183,10 @@ def embed_bookmark_batch(self: Task, batch_id: int) -> dict[str, Any]:
     batch_id = int(batch_id)
     settings = get_settings()
     engine = get_engine(settings)
+    if (self.request.delivery_info or {}).get("routing_key") == settings.queue_ingest:
+        from worker.bookmarks.dispatch import note_interactive
+
+        note_interactive(settings)  # a small import's batch is interactive work
     with log_context(batch_id=batch_id, task_id=self.request.id):
         result = run_guarded(
             self,
