@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import sys
 
-from bench import import_bookmarks, index_upkeep, ingest_uploads, search
+from bench import fairness, import_bookmarks, index_upkeep, ingest_uploads, search
 
 BENCHES = {
     "ingest_uploads": ingest_uploads.main,
     "import_bookmarks": import_bookmarks.main,
     "search": search.main,
     "index_upkeep": index_upkeep.main,
+    "fairness": fairness.main,
 }
 
 

@@ -20,6 +20,12 @@ def fresh_database(name: str) -> Engine:
     if "DATABASE_URL" not in os.environ:
         services.pg_start(settings)
         services.redis_start(settings)
+        # The servers just started are at PG_PORT / REDIS_PORT: point this process and the
+        # workers it starts there, not at the defaults' ports (someone else's services).
+        for key, value in services.env(settings).items():
+            os.environ.setdefault(key, value)
+        get_settings.cache_clear()
+        settings = load_settings()
     base = settings.database_url.rsplit("/", 1)[0]
     admin = base.replace("postgresql+psycopg://", "postgresql://", 1) + "/postgres"
     services.drop_database(admin, name)

@@ -20,6 +20,7 @@ import pytest
 from sqlalchemy import Connection, Engine, text
 
 from worker.app import (
+    TASK_DISPATCH_BULK,
     TASK_EMBED_BOOKMARKS,
     TASK_IMPORT_BOOKMARKS,
     TASK_MAINT_INDEXES,
@@ -673,6 +674,7 @@ def test_beat_schedule_has_each_task_at_its_interval() -> None:
         beat_vacuum_interval=7200,
         beat_stats_interval=0,  # switched off
         beat_purge_interval=86400,
+        beat_dispatch_interval=15,
     )
     schedule = beat_schedule(settings)
     by_task = {entry["task"]: entry for entry in schedule.values()}
@@ -681,9 +683,15 @@ def test_beat_schedule_has_each_task_at_its_interval() -> None:
         TASK_MAINT_INDEXES: timedelta(seconds=1800),
         TASK_MAINT_VACUUM: timedelta(seconds=7200),
         TASK_MAINT_PURGE: timedelta(seconds=86400),
+        TASK_DISPATCH_BULK: timedelta(seconds=15),
     }
     assert TASK_MAINT_STATS not in by_task
-    assert all(e["options"]["queue"] == settings.queue_maintenance for e in by_task.values())
+    # Upkeep on its own queue; the dispatcher's tick (milliseconds) where a long reindex
+    # cannot hold it up.
+    assert {t: e["options"]["queue"] for t, e in by_task.items()} == {
+        **{t: settings.queue_maintenance for t in by_task if t != TASK_DISPATCH_BULK},
+        TASK_DISPATCH_BULK: settings.queue_ingest,
+    }
 
 
 def test_cli_runs_and_prints_history(engine: Engine) -> None:

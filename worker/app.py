@@ -18,6 +18,7 @@ TASK_HEALTH = "worker.health"
 TASK_PROCESS_UPLOAD = "worker.process_upload"
 TASK_IMPORT_BOOKMARKS = "worker.import_bookmarks"
 TASK_EMBED_BOOKMARKS = "worker.embed_bookmark_batch"
+TASK_DISPATCH_BULK = "worker.dispatch_bulk"
 TASK_MAINT_INDEXES = "worker.maintenance.indexes"
 TASK_INDEX_SEGMENT = "worker.maintenance.index_segment"
 TASK_MAINT_VACUUM = "worker.maintenance.vacuum"
@@ -30,7 +31,9 @@ def routes(settings: Settings) -> dict[str, dict[str, str]]:
     return {
         TASK_HEALTH: {"queue": settings.queue_ingest},
         TASK_PROCESS_UPLOAD: {"queue": settings.queue_ingest},
-        TASK_EMBED_BOOKMARKS: {"queue": settings.queue_ingest},
+        TASK_EMBED_BOOKMARKS: {"queue": settings.queue_ingest},  # bulk ones: queue_bulk
+        # The tick is a few milliseconds: on ingest, it never waits behind a long reindex.
+        TASK_DISPATCH_BULK: {"queue": settings.queue_ingest},
         "worker.backfill_*": {"queue": settings.queue_ingest},  # worker.backfill: batches
         TASK_IMPORT_BOOKMARKS: {"queue": settings.queue_imports},
         "worker.maintenance.*": {"queue": settings.queue_maintenance},
@@ -45,23 +48,42 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         "vacuum-analyze": (TASK_MAINT_VACUUM, settings.beat_vacuum_interval),
         "stats-snapshot": (TASK_MAINT_STATS, settings.beat_stats_interval),
         "purge-deleted": (TASK_MAINT_PURGE, settings.beat_purge_interval),
+        "bulk-dispatch": (TASK_DISPATCH_BULK, settings.beat_dispatch_interval),
     }
+    queues = routes(settings)
     return {
         name: {
             "task": task,
             "schedule": timedelta(seconds=seconds),
             # A beat that was down must not fire a backlog of copies when it comes back.
-            "options": {"queue": settings.queue_maintenance, "expires": max(seconds, 30)},
+            "options": {
+                "queue": queues.get(task, {}).get("queue", settings.queue_maintenance),
+                "expires": max(seconds, 30),
+            },
         }
         for name, (task, seconds) in entries.items()
         if seconds > 0
     }
 
 
+def consumed_queues(settings: Settings) -> list[str]:
+    """The queues a worker consumes, in the order it polls them (queue_order_strategy
+    'priority'): interactive work first, bulk import batches last."""
+    return [
+        settings.queue_ingest,
+        settings.queue_imports,
+        settings.queue_maintenance,
+        settings.queue_bulk,
+    ]
+
+
 def configure(app: Celery, settings: Settings) -> None:
     """Apply Settings to ``app`` (again, when a test or the CLI changed the environment
     before anything was sent)."""
     transport = {"visibility_timeout": settings.visibility_timeout}
+    # Poll the queues in the order the worker lists them (consumed_queues), not in turn: a
+    # free process takes interactive work before a bulk batch (worker.bookmarks.dispatch).
+    broker_transport = {**transport, "queue_order_strategy": "priority"}
     app.conf.update(
         broker_url=settings.celery_broker_url,
         result_backend=settings.celery_result_backend,
@@ -74,7 +96,7 @@ def configure(app: Celery, settings: Settings) -> None:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        broker_transport_options=transport,
+        broker_transport_options=broker_transport,
         result_backend_transport_options=transport,
         task_soft_time_limit=settings.task_soft_time_limit,
         task_time_limit=settings.task_time_limit,
@@ -82,6 +104,7 @@ def configure(app: Celery, settings: Settings) -> None:
             Queue(settings.queue_ingest),
             Queue(settings.queue_imports),
             Queue(settings.queue_maintenance),
+            Queue(settings.queue_bulk),
         ],
         task_default_queue=settings.queue_ingest,
         task_routes=routes(settings),

@@ -146,15 +146,19 @@ def _celery_worker_argv(queues: str, concurrency: int | None, beat: bool) -> lis
 
 
 @cli.command("run")
-@click.option("--queues", "-Q", default=None, help="Comma-separated; default: all three.")
+@click.option(
+    "--queues",
+    "-Q",
+    default=None,
+    help="Comma-separated, polled in this order; default: ingest,imports,maintenance,bulk.",
+)
 @click.option("--concurrency", "-c", type=int, default=None)
 @click.option("--beat", is_flag=True, help="Embed the beat scheduler (one per deployment!).")
 def run_cmd(queues: str | None, concurrency: int | None, beat: bool) -> None:
     """Start a Celery worker process (prefork) consuming the worker's queues."""
-    from worker.app import app
+    from worker.app import app, consumed_queues
 
-    s = get_settings()
-    queues = queues or f"{s.queue_ingest},{s.queue_imports},{s.queue_maintenance}"
+    queues = queues or ",".join(consumed_queues(get_settings()))
     app.worker_main(_celery_worker_argv(queues, concurrency, beat))
 
 
@@ -380,6 +384,69 @@ def import_bookmarks_cmd(
         _wait_import(user_id, job_id, timeout)
 
 
+def _import_control(action: str, job_id: int, user_id: str | None, keep: bool = False) -> None:
+    from worker.bookmarks import control
+    from worker.db.engine import get_engine
+
+    engine = get_engine()
+    if action == "pause":
+        result = control.pause(engine, job_id, user_id=user_id)
+    elif action == "resume":
+        result = control.resume(engine, get_settings(), job_id, user_id=user_id)
+    else:
+        result = control.cancel(engine, job_id, user_id=user_id, keep=keep)
+    click.echo(f"import job {job_id}: {result.message}")
+    if not result.ok:
+        sys.exit(1)
+
+
+@import_group.command("pause")
+@click.argument("job_id", type=int)
+@click.option("--user", "user_id", default=None, help="Refuse unless the job is this user's.")
+def import_pause_cmd(job_id: int, user_id: str | None) -> None:
+    """Hold an import's unfinished batches in the database (nothing staged is lost)."""
+    _import_control("pause", job_id, user_id)
+
+
+@import_group.command("resume")
+@click.argument("job_id", type=int)
+@click.option("--user", "user_id", default=None, help="Refuse unless the job is this user's.")
+def import_resume_cmd(job_id: int, user_id: str | None) -> None:
+    """Continue a paused import where it stopped."""
+    _import_control("resume", job_id, user_id)
+
+
+@import_group.command("cancel")
+@click.argument("job_id", type=int)
+@click.option("--user", "user_id", default=None, help="Refuse unless the job is this user's.")
+@click.option("--keep", is_flag=True, help="Keep the bookmarks already embedded.")
+def import_cancel_cmd(job_id: int, user_id: str | None, keep: bool) -> None:
+    """Stop an import and remove the bookmarks it created (--keep: only the unfinished)."""
+    _import_control("cancel", job_id, user_id, keep=keep)
+
+
+def progress_line(p: Any) -> str:
+    """One redrawn line of an import's progress: status, bar, counts, recent rate, ETA (or
+    why it is not moving)."""
+    rate = f"{p.rate_per_s:7.1f}/s" if p.rate_per_s else "      -/s"
+    eta = f"ETA {_duration(p.eta_s):>6}" if p.eta_s is not None else "ETA      -"
+    bar_total = max(p.total, 1)
+    filled = int(30 * min(p.processed, bar_total) / bar_total)
+    line = (
+        f"{p.status:<10} [{'#' * filled}{'-' * (30 - filled)}] {p.processed}/{p.total} {rate} {eta}"
+    )
+    return f"{line}  ({p.note})" if p.note else line
+
+
+def _duration(seconds: float) -> str:
+    whole = round(seconds)
+    if whole < 120:
+        return f"{whole}s"
+    if whole < 7200:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+
+
 def _wait_import(user_id: str, job_id: int, timeout: float) -> None:
     from worker import client
 
@@ -388,15 +455,8 @@ def _wait_import(user_id: str, job_id: int, timeout: float) -> None:
         p = client.import_status(user_id, job_id)
         if p is None:
             raise click.ClickException(f"no import job {job_id} for user {user_id}")
-        rate = f"{p.rate_per_s:7.1f}/s" if p.rate_per_s else "      -/s"
-        eta = f"ETA {p.eta_s:5.0f}s" if p.eta_s is not None else "ETA     -"
-        bar_total = max(p.total, 1)
-        filled = int(30 * min(p.processed, bar_total) / bar_total)
-        click.echo(
-            f"\r{p.status:<10} [{'#' * filled}{'-' * (30 - filled)}] "
-            f"{p.processed}/{p.total} {rate} {eta}",
-            nl=False,
-        )
+        # Padded: a shorter line (the note gone) must overwrite the longer one before it.
+        click.echo(f"\r{progress_line(p):<100}", nl=False)
         if p.finished or time.monotonic() > deadline:
             break
         time.sleep(0.5)

@@ -77,6 +77,10 @@ def enqueue_upload(
     _send(
         celery or app_module.app, app_module.TASK_PROCESS_UPLOAD, [item_id], settings.queue_ingest
     )
+    # Bulk imports leave a process free for the next while uploads keep coming.
+    from worker.bookmarks.dispatch import note_interactive
+
+    note_interactive(settings)
     log.info("queued upload %s as item %s", rel, item_id, extra={"user_id": user_id})
     return item_id
 
@@ -149,6 +153,8 @@ class ImportProgress:
     error: str | None
     rate_per_s: float | None
     eta_s: float | None
+    lane: str = "interactive"  # bulk: released a few batches at a time, after others' uploads
+    note: str | None = None  # why it is not moving: paused, waiting for EMBED_WINDOW
 
     @property
     def fraction(self) -> float:
@@ -160,18 +166,25 @@ class ImportProgress:
 
 
 def import_status(user_id: str, job_id: int) -> ImportProgress | None:
-    """Counts, progress, rate (bookmarks/s since the job started) and ETA."""
+    """Counts, progress, rate and ETA (from the recent batches' rate; see
+    ``worker.bookmarks.progress``), and why it is not moving when it is not."""
+    from worker.bookmarks import progress
+
     with session_scope() as session:
         job = queries.import_job(session, _require_user(user_id), job_id)
         if job is None:
             return None
-        rate = eta = None
-        if job.started_at and job.processed:
-            end = job.finished_at or queries.db_now(session)
-            elapsed = max((end - job.started_at).total_seconds(), 1e-3)
-            rate = job.processed / elapsed
-            remaining = max(job.total - job.processed, 0)
-            eta = remaining / rate if rate and job.status not in ("done", "failed") else 0.0
+        est = progress.estimate(
+            status=job.status,
+            lane=job.lane,
+            total=job.total,
+            processed=job.processed,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            finishes=progress.recent_finishes(session, job.id),
+            window=get_settings().window,
+            now=queries.db_now(session),
+        )
         return ImportProgress(
             id=job.id,
             status=job.status,
@@ -185,9 +198,45 @@ def import_status(user_id: str, job_id: int) -> ImportProgress | None:
             failed=job.failed_count,
             skipped_reasons=dict(job.skipped_reasons or {}),
             error=job.error,
-            rate_per_s=rate,
-            eta_s=eta,
+            rate_per_s=est.rate_per_s,
+            eta_s=est.eta_s,
+            lane=job.lane,
+            note=est.note,
         )
+
+
+def pause_import(user_id: str, job_id: int) -> dict[str, Any]:
+    """Hold the import's unfinished batches in the database; nothing staged is lost.
+    Returns ``{"job_id", "ok", "status", "message", "removed"}``."""
+    from worker.bookmarks import control
+    from worker.db.engine import get_engine
+
+    return control.pause(get_engine(), job_id, user_id=_require_user(user_id)).as_dict()
+
+
+def resume_import(
+    user_id: str, job_id: int, *, settings: Settings | None = None, celery: Celery | None = None
+) -> dict[str, Any]:
+    """Continue a paused import where it stopped (finished batches are not redone)."""
+    from worker.bookmarks import control
+    from worker.db.engine import get_engine
+
+    def send(task: str, args: list[Any], queue: str) -> None:
+        _send(celery or app_module.app, task, args, queue)
+
+    result = control.resume(
+        get_engine(), settings or get_settings(), job_id, user_id=_require_user(user_id), send=send
+    )
+    return result.as_dict()
+
+
+def cancel_import(user_id: str, job_id: int, *, keep: bool = False) -> dict[str, Any]:
+    """Stop the import and remove the bookmarks it created (with ``keep``: only those not
+    embedded yet, so importing the file again adds exactly them). ``removed`` counts them."""
+    from worker.bookmarks import control
+    from worker.db.engine import get_engine
+
+    return control.cancel(get_engine(), job_id, user_id=_require_user(user_id), keep=keep).as_dict()
 
 
 def wait_for_items(

@@ -16,6 +16,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.errors import ConfigError
+from worker.window import TimeWindow, parse_zone
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 DEFAULT_LABELS: tuple[str, ...] = (
@@ -139,10 +140,49 @@ class Settings(BaseSettings):
     )
     fetch_max_redirects: int = Field(5, ge=0, le=20, description="Redirects followed per page.")
 
+    # --- fairness: bulk imports (worker/bookmarks/dispatch.py) ---------------------------
+    bulk_import_threshold: int = Field(
+        1000,
+        ge=0,
+        description="Imports of at least this many distinct bookmarks are bulk work; "
+        "smaller ones are interactive (sent at once).",
+    )
+    bulk_batch_size: int = Field(
+        64,
+        ge=1,
+        le=10000,
+        description="Bookmarks per embed task of a bulk import (small: interactive work "
+        "waits at most one such batch).",
+    )
+    bulk_max_in_flight_per_user: int = Field(
+        2, ge=1, description="Bulk batches one user may have queued or running at once."
+    )
+    bulk_max_in_flight: int | None = Field(
+        None,
+        ge=1,
+        description="Bulk batches queued or running at once, all users together; default "
+        "WORKER_CONCURRENCY.",
+    )
+    bulk_reserve_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="After interactive work is seen (an upload or small import), release one "
+        "bulk batch fewer for this long, so a process is free for the next (0: never).",
+    )
+    embed_window: str | None = Field(
+        None,
+        description="HH:MM-HH:MM (may wrap midnight): bulk batches are released only inside "
+        "it; empty: at any hour. Interactive work always runs.",
+    )
+    embed_window_timezone: str = Field("UTC", description="IANA time zone of EMBED_WINDOW.")
+
     # --- celery --------------------------------------------------------------------------
     queue_ingest: str = Field("ingest", description="Uploads and bookmark embedding batches.")
     queue_imports: str = Field("imports", description="Bookmark export parsing.")
     queue_maintenance: str = Field("maintenance", description="Upkeep from beat.")
+    queue_bulk: str = Field(
+        "bulk", description="Bulk import batches, released a few at a time; consumed last."
+    )
     worker_concurrency: int = Field(
         default_factory=lambda: os.cpu_count() or 1, ge=1, description="Prefork processes."
     )
@@ -164,6 +204,9 @@ class Settings(BaseSettings):
     beat_vacuum_interval: float = Field(86400.0, ge=0, description="VACUUM/ANALYZE, seconds.")
     beat_stats_interval: float = Field(3600.0, ge=0, description="Statistics snapshot, seconds.")
     beat_purge_interval: float = Field(86400.0, ge=0, description="Purge of deleted rows, seconds.")
+    beat_dispatch_interval: float = Field(
+        15.0, ge=0, description="Bulk dispatcher tick (lost releases, window opening), seconds."
+    )
     stuck_after_seconds: int = Field(900, ge=1, description="queued/processing this long = stuck.")
     purge_after_days: int = Field(30, ge=0, description="Soft-deleted rows kept this long.")
     recall_target: float = Field(0.95, gt=0, le=1, description="Rebuild an index below it.")
@@ -207,6 +250,21 @@ class Settings(BaseSettings):
     def _upper(cls, v: Any) -> Any:
         return v.upper() if isinstance(v, str) else v
 
+    @field_validator("embed_window", mode="before")
+    @classmethod
+    def _window(cls, v: Any) -> Any:
+        if isinstance(v, str) and not v.strip():
+            return None
+        if isinstance(v, str):
+            TimeWindow.parse(v)  # the message says what is wrong with it
+        return v
+
+    @field_validator("embed_window_timezone")
+    @classmethod
+    def _zone(cls, v: str) -> str:
+        parse_zone(v)
+        return v
+
     @field_validator("database_url")
     @classmethod
     def _postgres_only(cls, v: str) -> str:
@@ -225,6 +283,17 @@ class Settings(BaseSettings):
         if v is not None and not v.startswith(("redis://", "rediss://", "unix://", "memory://")):
             raise ValueError("must be a redis:// or rediss:// URL")
         return v
+
+    @property
+    def window(self) -> TimeWindow | None:
+        """EMBED_WINDOW parsed, in EMBED_WINDOW_TIMEZONE; None: bulk work at any hour."""
+        if not self.embed_window:
+            return None
+        return TimeWindow.parse(self.embed_window, self.embed_window_timezone)
+
+    @property
+    def bulk_in_flight_cap(self) -> int:
+        return self.bulk_max_in_flight or self.worker_concurrency
 
     @property
     def celery_broker_url(self) -> str:

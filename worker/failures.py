@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, text
 
 from worker.app import TASK_EMBED_BOOKMARKS, TASK_IMPORT_BOOKMARKS, TASK_PROCESS_UPLOAD
+from worker.bookmarks import dispatch
 from worker.config import Settings
 
 Send = Callable[[str, list[Any], str], None]
@@ -232,7 +233,7 @@ def retry_job(
     with engine.begin() as conn:
         job = conn.execute(
             text(
-                "SELECT status, failed_count FROM import_job WHERE id = :id "
+                "SELECT status, failed_count, lane FROM import_job WHERE id = :id "
                 "AND (CAST(:u AS text) IS NULL OR user_id = :u) FOR UPDATE"
             ),
             {"id": job_id, "u": user_id},
@@ -242,6 +243,10 @@ def retry_job(
             return Retried("job", job_id, False, f"no import job {job_id}{owner}")
         if job.status in ("queued", "processing"):
             return Retried("job", job_id, False, f"still running (status {job.status})")
+        if job.status == "paused":
+            return Retried("job", job_id, False, f"paused: `worker import resume {job_id}`")
+        if job.status == "cancelled":
+            return Retried("job", job_id, False, "cancelled: import the file again")
         staged = conn.execute(
             text("SELECT EXISTS (SELECT 1 FROM import_batch WHERE import_job_id = :id)"),
             {"id": job_id},
@@ -258,6 +263,15 @@ def retry_job(
                 return Retried("job", job_id, False, "no failed batch to retry")
             task, queue = TASK_EMBED_BOOKMARKS, settings.queue_ingest
             message = f"{len(ids)} batch(es) queued again"
+            if job.lane == "bulk":
+                # Back in the database, released by the dispatcher like the rest of a bulk
+                # import: retrying many failed batches must not flood the queues either.
+                conn.execute(
+                    text("UPDATE import_batch SET held = true WHERE id = ANY(:ids)"), {"ids": ids}
+                )
+                ids = []
+    if job.lane == "bulk" and staged:
+        dispatch.dispatch(engine, settings, send)
     for one in ids:  # after commit
         send(task, [one], queue)
     return Retried("job", job_id, True, message)

@@ -3,10 +3,12 @@ failures (with what to do), upkeep."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import text
 
+from worker.app import consumed_queues
 from worker.config import Settings, get_settings
 from worker.db.engine import session_scope
 from worker.render import table
@@ -18,10 +20,7 @@ def queue_depths(settings: Settings) -> dict[str, int | str]:
 
     try:
         conn = redis.Redis.from_url(settings.celery_broker_url, socket_timeout=2)
-        return {
-            q: int(conn.llen(q))
-            for q in (settings.queue_ingest, settings.queue_imports, settings.queue_maintenance)
-        }
+        return {q: int(conn.llen(q)) for q in consumed_queues(settings)}
     except redis.RedisError as exc:
         return {"error": f"redis unreachable: {exc.__class__.__name__}"}
 
@@ -72,13 +71,8 @@ def snapshot(settings: Settings | None = None) -> dict[str, Any]:
             "SELECT kind, status, count(*) AS n FROM item "
             "WHERE updated_at > now() - interval '1 hour' GROUP BY 1, 2 ORDER BY 1, 2"
         ),
-        "imports_running": _rows(
-            "SELECT id, user_id, status, processed, total, "
-            "round(100.0 * processed / greatest(total, 1), 1) AS pct, "
-            "round((processed / greatest(extract(epoch FROM now() - started_at), 1))::numeric, 1)"
-            " AS per_s FROM import_job WHERE status IN ('queued', 'processing', 'paused') "
-            "ORDER BY id"
-        ),
+        "embed_window": _window_line(settings),
+        "imports_running": imports_running(settings),
         "recent_failures": recent_failures(),
         "maintenance": _rows(
             "SELECT kind, target, status, started_at, "
@@ -88,6 +82,59 @@ def snapshot(settings: Settings | None = None) -> dict[str, Any]:
     }
 
 
+def imports_running(settings: Settings) -> list[dict[str, Any]]:
+    """Unfinished imports with their lane, progress, recent rate and ETA
+    (``worker.bookmarks.progress``)."""
+    from worker.bookmarks import progress
+
+    out = []
+    with session_scope() as s:
+        now = s.execute(text("SELECT now()")).scalar_one()
+        jobs = s.execute(
+            text(
+                "SELECT id, user_id, status, lane, processed, total, started_at, finished_at "
+                "FROM import_job WHERE status IN ('queued', 'processing', 'paused') ORDER BY id"
+            )
+        ).all()
+        for job in jobs:
+            est = progress.estimate(
+                status=job.status,
+                lane=job.lane,
+                total=job.total,
+                processed=job.processed,
+                started_at=job.started_at,
+                finished_at=job.finished_at,
+                finishes=progress.recent_finishes(s, job.id),
+                window=settings.window,
+                now=now,
+            )
+            out.append(
+                {
+                    "id": job.id,
+                    "user_id": job.user_id,
+                    "status": job.status,
+                    "lane": job.lane,
+                    "processed": job.processed,
+                    "total": job.total,
+                    "pct": f"{100.0 * job.processed / max(job.total, 1):.1f}",
+                    "per_s": f"{est.rate_per_s:.1f}" if est.rate_per_s else None,
+                    "eta_s": round(est.eta_s) if est.eta_s is not None else None,
+                    "note": est.note or "",
+                }
+            )
+    return out
+
+
+def _window_line(settings: Settings) -> str:
+    window = settings.window
+    if window is None:
+        return "none (bulk work at any hour)"
+    now = datetime.now(UTC)
+    if window.contains(now):
+        return f"{window}: open"
+    return f"{window}: closed, opens {window.next_open(now):%Y-%m-%d %H:%M %Z}"
+
+
 def overview(settings: Settings | None = None) -> str:
     data = snapshot(settings)
     workers = data["workers"]
@@ -95,6 +142,7 @@ def overview(settings: Settings | None = None) -> str:
     parts = [
         f"workers: {seen or 'none answered (is `worker run` up?)'}",
         "queues: " + ", ".join(f"{k}={v}" for k, v in data["queues"].items()),
+        f"embed window: {data['embed_window']}",
     ]
     for key in ("items_last_hour", "imports_running", "recent_failures", "maintenance"):
         parts.append(f"\n{key.replace('_', ' ')}:\n{table(data[key])}")

@@ -27,12 +27,12 @@ class WorkerProcess:
         concurrency: int = 1,
         name: str = "worker",
     ) -> None:
+        from worker.app import consumed_queues
+
         settings = get_settings()
         self.log_path = log_path
         self.env = env if env is not None else dict(os.environ)
-        self.queues = queues or ",".join(
-            (settings.queue_ingest, settings.queue_imports, settings.queue_maintenance)
-        )
+        self.queues = queues or ",".join(consumed_queues(settings))
         self.concurrency = concurrency
         self.name = name
         self.proc: subprocess.Popen[bytes] | None = None
@@ -90,8 +90,11 @@ class WorkerProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def wait_ready(self, timeout: float = 120) -> dict[str, Any]:
-        """Until the worker answers the health task through the broker."""
+        """Until the worker answers the health task through the broker (sent to the first
+        queue it consumes, so that another worker on other queues cannot answer for it)."""
         from worker.app import TASK_HEALTH, app
+
+        queue = self.queues.split(",")[0]
 
         deadline = time.monotonic() + timeout
         last: Exception | None = None
@@ -101,7 +104,7 @@ class WorkerProcess:
                     f"worker exited early; log {self.log_path}:\n{self.log()[-4000:]}"
                 )
             try:
-                answer: dict[str, Any] = app.send_task(TASK_HEALTH).get(timeout=10)
+                answer: dict[str, Any] = app.send_task(TASK_HEALTH, queue=queue).get(timeout=10)
                 return answer
             except Exception as exc:  # not consuming yet
                 last = exc

@@ -18,6 +18,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from worker import __version__, metrics
 from worker.app import (
+    TASK_DISPATCH_BULK,
     TASK_EMBED_BOOKMARKS,
     TASK_HEALTH,
     TASK_IMPORT_BOOKMARKS,
@@ -124,10 +125,12 @@ def run_guarded(
 @app.task(name=TASK_PROCESS_UPLOAD, bind=True)
 def process_upload(self: Task, item_id: int) -> dict[str, Any]:
     """Parse, chunk, analyse, embed and store one uploaded file."""
+    from worker.bookmarks.dispatch import note_interactive
     from worker.db.engine import get_engine
     from worker.ingest import process, store
 
     item_id = int(item_id)
+    note_interactive(get_settings())  # also when requeue or a retry sent it, not a producer
     engine = get_engine(get_settings())
     # The pipeline adds the user and the stage; this block keeps the ids on the retry and
     # failure lines, logged after the pipeline returned.
@@ -143,7 +146,7 @@ def process_upload(self: Task, item_id: int) -> dict[str, Any]:
 @app.task(name=TASK_IMPORT_BOOKMARKS, bind=True)
 def import_bookmarks(self: Task, job_id: int) -> dict[str, Any]:
     """Parse, deduplicate and stage a bookmark export, then fan out its embedding batches."""
-    from worker.bookmarks import importer
+    from worker.bookmarks import dispatch, importer
     from worker.db.engine import get_engine
 
     job_id = int(job_id)
@@ -151,11 +154,17 @@ def import_bookmarks(self: Task, job_id: int) -> dict[str, Any]:
     engine = get_engine(settings)
 
     def stage() -> dict[str, Any]:
-        batch_ids = importer.run_import(engine, settings, job_id)
+        try:
+            batch_ids = importer.run_import(engine, settings, job_id)
+        except dispatch.ImportCancelled:
+            log.info("import job %s cancelled before staging: nothing staged", job_id)
+            return {"job_id": job_id, "status": "cancelled"}
         # Sent after the staging transaction committed; a lost send is found by requeue.
-        for batch_id in batch_ids:
-            app.send_task(TASK_EMBED_BOOKMARKS, args=[batch_id], queue=settings.queue_ingest)
-        return {"job_id": job_id, "batches": len(batch_ids)}
+        # An interactive job's batches all go now; a bulk job's as the dispatcher allows.
+        messages = dispatch.after_staging(engine, settings, job_id, batch_ids)
+        for task, args, queue in messages:
+            app.send_task(task, args=args, queue=queue)
+        return {"job_id": job_id, "batches": len(batch_ids), "sent": len(messages)}
 
     with log_context(import_job_id=job_id, task_id=self.request.id):
         return run_guarded(
@@ -175,6 +184,10 @@ def embed_bookmark_batch(self: Task, batch_id: int) -> dict[str, Any]:
     batch_id = int(batch_id)
     settings = get_settings()
     engine = get_engine(settings)
+    if (self.request.delivery_info or {}).get("routing_key") == settings.queue_ingest:
+        from worker.bookmarks.dispatch import note_interactive
+
+        note_interactive(settings)  # a small import's batch is interactive work
     with log_context(batch_id=batch_id, task_id=self.request.id):
         result = run_guarded(
             self,
@@ -195,6 +208,7 @@ def embed_bookmark_batch(self: Task, batch_id: int) -> dict[str, Any]:
             kwargs={"analyze_only": ["item", "bookmark", "embedding"]},
             queue=settings.queue_maintenance,
         )
+    _release_bulk(engine, settings)
     return result
 
 
@@ -229,6 +243,32 @@ def index_import_segment(self: Task, job_id: int) -> dict[str, Any]:
             lambda: index_segment(engine, job_id),
             leave_to_upkeep,
         )
+
+
+def _release_bulk(engine: Any, settings: Any) -> None:
+    """A batch ended: its slot is free for the next bulk batch (round-robin between users).
+    A failure here costs only time: the beat tick releases it later."""
+    from worker.bookmarks import dispatch
+
+    try:
+        dispatch.dispatch(engine, settings, _send)
+    except Exception as exc:
+        log.warning("bulk release after a batch failed (%s); the next tick retries", exc)
+
+
+def _send(task: str, args: list[Any], queue: str) -> None:
+    app.send_task(task, args=args, queue=queue)
+
+
+@app.task(name=TASK_DISPATCH_BULK)
+def dispatch_bulk() -> dict[str, Any]:
+    """Beat's tick: release bulk batches that a lost release or a closed EMBED_WINDOW left
+    waiting in the database."""
+    from worker.bookmarks import dispatch
+    from worker.db.engine import get_engine
+
+    settings = get_settings()
+    return dispatch.dispatch(get_engine(settings), settings, _send)
 
 
 # --- maintenance (beat) --------------------------------------------------------------------

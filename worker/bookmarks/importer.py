@@ -25,6 +25,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
 from worker import metrics
+from worker.bookmarks import dispatch
 from worker.bookmarks.canonical import canonicalize, skip_reason
 from worker.bookmarks.fetch import (
     FetchedPage,
@@ -442,14 +443,18 @@ def _parse_and_stage(engine: Engine, settings: Settings, claim: JobClaim) -> Non
         _job_line(claim.job_id, "failed", watch, {}, error=str(exc))
         return
     with watch.stage("write"), session_scope(engine) as s:
+        # The lane (interactive or bulk) decides the batch size and whether the batches wait
+        # for the dispatcher; it raises ImportCancelled for a job cancelled while parsing.
+        lane = dispatch.begin_staging(s, settings, claim.job_id, len(export.bookmarks))
         summary = stage_import(
             s,
             claim.job_id,
             claim.user_id,
             export,
-            batch_size=settings.bookmark_batch_size,
+            batch_size=dispatch.batch_size(settings, lane),
             segment_min_rows=settings.bulk_segment_min_bookmarks or None,
         )
+        dispatch.finish_staging(s, claim.job_id, lane)
     _job_line(claim.job_id, "staged", watch, summary)
     metrics.bookmarks({"duplicate": summary["duplicates"], "skipped": summary["skipped"]})
 
@@ -535,7 +540,7 @@ def claim_batch(engine: Engine, batch_id: int, *, max_attempts: int) -> BatchCla
     with session_scope(engine) as s:
         row = s.execute(
             text(
-                "SELECT b.import_job_id, b.user_id, b.item_ids, b.status, b.attempts, "
+                "SELECT b.import_job_id, b.user_id, b.item_ids, b.status, b.attempts, b.held, "
                 "j.status AS job_status, coalesce(j.segment, 0) AS segment FROM import_batch b "
                 "JOIN import_job j ON j.id = b.import_job_id WHERE b.id = :id FOR UPDATE OF b"
             ),
@@ -543,6 +548,8 @@ def claim_batch(engine: Engine, batch_id: int, *, max_attempts: int) -> BatchCla
         ).first()
         if row is None or row.status not in ("queued", "processing"):
             return None
+        if row.held:
+            return None  # a stale message: the batch waits for the dispatcher or a resume
         if row.job_status not in ("processing", "queued"):
             return None  # paused, cancelled or failed: leave the batch staged
         if row.attempts >= max_attempts:

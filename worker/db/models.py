@@ -42,6 +42,9 @@ ITEM_KINDS = ("upload", "bookmark")
 ITEM_STATUSES = ("queued", "processing", "done", "failed", "skipped")
 JOB_STATUSES = ("queued", "processing", "done", "failed", "cancelled", "paused")
 BATCH_STATUSES = ("queued", "processing", "done", "failed")
+# interactive: its batches go to the ingest queue at once; bulk: the dispatcher releases them
+# to the bulk queue a few at a time (worker.bookmarks.dispatch).
+IMPORT_LANES = ("interactive", "bulk")
 MODEL_STATES = ("active", "backfilling", "retired")
 BACKFILL_JOB_STATUSES = ("queued", "running", "indexing", "done", "failed", "cancelled")
 DISTANCES = ("cosine", "l2", "ip")
@@ -147,6 +150,7 @@ class ImportJob(Base):
     # into the main one; indexed_at is set when its vector indexes are built.
     segment: Mapped[int | None] = mapped_column(BigInteger)
     segment_indexed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    lane: Mapped[str] = mapped_column(Text, server_default="interactive")
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = _created()
@@ -154,6 +158,7 @@ class ImportJob(Base):
 
     __table_args__ = (
         CheckConstraint(_in("status", JOB_STATUSES), name="status"),
+        CheckConstraint(_in("lane", IMPORT_LANES), name="lane"),
         Index("ix_import_job_user_id_created_at", "user_id", "created_at"),
     )
 
@@ -172,6 +177,10 @@ class ImportBatch(Base):
     seq: Mapped[int] = mapped_column(Integer)
     item_ids: Mapped[list[int]] = mapped_column(ARRAY(BigInteger))
     status: Mapped[str] = mapped_column(Text, server_default="queued")
+    # held: staged in the database, waiting for the dispatcher (bulk lane) or for a resume;
+    # no message for it is meant to be in Redis, and a stale one finds nothing to do.
+    held: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    released_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     attempts: Mapped[int] = mapped_column(Integer, server_default="0")
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     error: Mapped[str | None] = mapped_column(Text)
@@ -182,6 +191,14 @@ class ImportBatch(Base):
         CheckConstraint(_in("status", BATCH_STATUSES), name="status"),
         UniqueConstraint("import_job_id", "seq", name="uq_import_batch_import_job_id_seq"),
         Index("ix_import_batch_user_id_import_job_id", "user_id", "import_job_id"),
+        # The dispatcher's candidates: each user's held batches in release order.
+        Index(
+            "ix_import_batch_held",
+            "user_id",
+            "import_job_id",
+            "seq",
+            postgresql_where=text("held AND status = 'queued'"),
+        ),
         Index(
             "ix_import_batch_stuck",
             "status",

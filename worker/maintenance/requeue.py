@@ -41,6 +41,11 @@ class StuckKind:
     task: str
     queue_setting: str  # the Settings field naming the queue
     on_fail: str = ""  # more assignments when giving up (alias u)
+    failed_by_importer: bool = False  # past max_attempts: importer.fail_batch, not here
+
+
+def _lane_is(lane: str) -> str:
+    return f"EXISTS (SELECT 1 FROM import_job j WHERE j.id = t.import_job_id AND j.lane = '{lane}')"
 
 
 KINDS = (
@@ -54,8 +59,25 @@ KINDS = (
     ),
     # Batches past max_attempts are not failed here but by the importer's own fail_batch:
     # it also fails the batch's items and advances the job's counters (and closes the job
-    # after its last batch), which a bare status change would leave hanging.
-    StuckKind("batches", "import_batch", "", TASK_EMBED_BOOKMARKS, "queue_ingest"),
+    # after its last batch), which a bare status change would leave hanging. Held batches
+    # are not stuck: they wait in the database for the dispatcher or a resume (and a bulk
+    # batch goes back to the bulk queue, never ahead of interactive work).
+    StuckKind(
+        "batches",
+        "import_batch",
+        f"AND NOT t.held AND {_lane_is('interactive')}",
+        TASK_EMBED_BOOKMARKS,
+        "queue_ingest",
+        failed_by_importer=True,
+    ),
+    StuckKind(
+        "bulk_batches",
+        "import_batch",
+        f"AND NOT t.held AND {_lane_is('bulk')}",
+        TASK_EMBED_BOOKMARKS,
+        "queue_bulk",
+        failed_by_importer=True,
+    ),
     StuckKind(
         "jobs",
         "import_job",
@@ -112,7 +134,7 @@ def _requeue_kind(
 ) -> dict[str, int]:
     counts = {"resent": 0, "failed": 0}
     queue = str(getattr(settings, kind.queue_setting))
-    fail_here = kind.name != "batches"
+    fail_here = not kind.failed_by_importer
     params = {"cutoff": cutoff, "batch": BATCH, "max": settings.max_attempts}
     while True:
         with engine.begin() as conn:
