@@ -143,6 +143,11 @@ class Settings(BaseSettings):
     worker_max_memory_per_child: int = Field(
         1_500_000, ge=0, description="KiB; a child over it is replaced after its task."
     )
+    service_wait_timeout: float = Field(
+        0.0,
+        ge=0,
+        description="Seconds a starting worker waits for PostgreSQL and Redis (0 = forever).",
+    )
 
     # --- beat ----------------------------------------------------------------------------
     beat_requeue_interval: float = Field(60.0, ge=0, description="Seconds; 0 switches it off.")

@@ -82,6 +82,26 @@ def retry_if_transient(task: Task, exc: BaseException) -> None:
         raise task.retry(exc=exc, countdown=delay)
 
 
+def send_after_commit(task: str, queue: str, *args: Any, **kwargs: Any) -> bool:
+    """Send a follow-up task for rows this task has committed. When the broker cannot take
+    it now (Redis restarting), nothing is lost: the rows stay queued and the requeue task
+    sends them again. So the failure is logged, not raised: raising would fail (and record
+    as failed) work that is already done."""
+    try:
+        app.send_task(task, args=list(args), kwargs=kwargs or None, queue=queue)
+    except Exception as exc:
+        log.warning(
+            "could not send %s%s now (%s: %s); the requeue task will send it",
+            task,
+            list(args),
+            exc.__class__.__name__,
+            exc,
+            extra={"stage": "send"},
+        )
+        return False
+    return True
+
+
 @app.task(name=TASK_HEALTH)
 def health() -> dict[str, Any]:
     """Answered by a live worker: proves broker → worker → result backend works."""
@@ -153,7 +173,7 @@ def import_bookmarks(self: Task, job_id: int) -> dict[str, Any]:
         batch_ids = importer.run_import(engine, settings, job_id)
         # Sent after the staging transaction committed; a lost send is found by requeue.
         for batch_id in batch_ids:
-            app.send_task(TASK_EMBED_BOOKMARKS, args=[batch_id], queue=settings.queue_ingest)
+            send_after_commit(TASK_EMBED_BOOKMARKS, settings.queue_ingest, batch_id)
         return {"job_id": job_id, "batches": len(batch_ids)}
 
     with log_context(import_job_id=job_id, task_id=self.request.id):
@@ -183,10 +203,10 @@ def embed_bookmark_batch(self: Task, batch_id: int) -> dict[str, Any]:
         )
     if result.get("job_finished"):
         # Fresh statistics for the planner right after a bulk load.
-        app.send_task(
+        send_after_commit(
             TASK_MAINT_VACUUM,
-            kwargs={"analyze_only": ["item", "bookmark", "embedding"]},
-            queue=settings.queue_maintenance,
+            settings.queue_maintenance,
+            analyze_only=["item", "bookmark", "embedding"],
         )
     return result
 
@@ -257,7 +277,7 @@ from worker.backfill import TASK_BACKFILL_BATCH, TASK_BACKFILL_FINISH  # noqa: E
 
 
 def _send_backfill_finish(job_id: int) -> None:
-    app.send_task(TASK_BACKFILL_FINISH, args=[job_id], queue=get_settings().queue_maintenance)
+    send_after_commit(TASK_BACKFILL_FINISH, get_settings().queue_maintenance, job_id)
 
 
 @app.task(name=TASK_BACKFILL_BATCH, bind=True)
@@ -309,5 +329,5 @@ def backfill_finish(self: Task, job_id: int) -> dict[str, Any]:
             lambda message: backfill.fail_job(engine, job_id, message),
         )
     for batch_id in result.get("batch_ids", []):
-        app.send_task(TASK_BACKFILL_BATCH, args=[batch_id], queue=settings.queue_ingest)
+        send_after_commit(TASK_BACKFILL_BATCH, settings.queue_ingest, batch_id)
     return result
