@@ -72,6 +72,11 @@ class Settings(BaseSettings):
     db_statement_timeout_ms: int = Field(
         0, ge=0, description="statement_timeout for worker sessions (0 = off)."
     )
+    row_level_security: bool = Field(
+        False,
+        description="Declare the user (app.user_id) in every client and search transaction, "
+        "for PostgreSQL row-level security.",
+    )
 
     # --- uploads -------------------------------------------------------------------------
     upload_root: Path = Field(Path(".data/uploads"), description="Only files under it are read.")
