@@ -584,3 +584,85 @@ def test_load_many_uploads_and_a_big_import_at_once(deployment: Deployment) -> N
     # screen has a rate line for what is being done.
     assert readings[0]["queues"]["ingest"] > 0, readings[0]["screen"]
     assert any(r["per_s"] for r in readings), [r["screen"] for r in readings]
+
+
+# --- hostile text ---------------------------------------------------------------------------
+
+
+def hostile_files(root: Path, user: str, line_mb: float) -> dict[str, Path]:
+    """NUL bytes, invalid UTF-8, bidi overrides, emoji, and two single lines of ``line_mb``
+    megabytes: one of prose, one of hex without any whitespace or punctuation."""
+    size = int(line_mb * 1_000_000)
+    sentence = b"Quarterly revenue grew by 12 percent while costs stayed flat. "
+    data = {
+        "nul": b"Lighthouse\x00 keeper\x00\x00 logs the weather\x00 every morning.\n" * 40,
+        # UTF-8 with a bad sequence now and then (replaced), and bytes so broken that the
+        # file reads as a legacy encoding (mojibake, but text).
+        "invalid-utf8": ("Café, naïve Grüße, déjà vu. " * 10).encode() * 10 + b"\xc3\x28 tail\n",
+        "broken-bytes": b"Caf\xc3\xa9 and bad \xc3\x28 \xa0\xa1 \xf0\x28\x8c\xbc here. " * 40,
+        "bidi": "Invoice \u202efdp.exe\u202c from \u2067\u05e9\u05dc\u05d5\u05dd\u2069 "
+        "and \u0645\u0631\u062d\u0628\u0627 arrived today. ".encode()
+        * 40,
+        "emoji": "Family 👩\u200d👩\u200d👧 flags 🇩🇪🇯🇵 skin 👍🏽 "
+        "astral \U0001d11e\U0001f9ec party 🎉. ".encode()
+        * 40,
+        "line-prose": (sentence * (size // len(sentence) + 1))[:size],
+        "line-hex": random.Random(5).randbytes(size // 2).hex().encode(),
+    }
+    paths = {}
+    for name, body in data.items():
+        path = root / f"{user}-{name}.txt"
+        path.write_bytes(body)
+        paths[name] = path
+    return paths
+
+
+def test_hostile_text_through_the_worker(deployment: Deployment) -> None:
+    """Each file is processed (``done``), the worker lives on and stays under its memory
+    limit, and what is stored is clean text that still holds the bidi marks and the emoji.
+    The long lines are HOSTILE_LINE_MB megabytes (2 in CI; the README reports 50)."""
+    line_mb = float(os.environ.get("HOSTILE_LINE_MB", "2"))
+    limit_kib = int(os.environ.get("LOAD_MEMORY_LIMIT_KIB", "1000000"))
+    user = f"hostile-{uuid.uuid4().hex[:8]}"
+    paths = hostile_files(deployment.upload_root, user, line_mb)
+    worker = deployment.worker("hostile", WORKER_MAX_MEMORY_PER_CHILD=str(limit_kib)).start()
+    worker.wait_ready()
+    assert worker.proc is not None
+    memory = GroupMemory(worker.proc.pid).start()
+    started = time.monotonic()
+    try:
+        ids = {name: client.enqueue_upload(user, path) for name, path in paths.items()}
+        counts = client.wait_for_items(user, list(ids.values()), timeout=1800)
+        took = time.monotonic() - started
+        after = deployment.upload_root / f"{user}-after.txt"
+        after.write_text(prose(77, 2))
+        assert client.wait_for_items(user, [client.enqueue_upload(user, after)]) == {"done": 1}
+        assert worker.alive
+    finally:
+        memory.stop()
+        worker.stop()
+    with deployment.engine.connect() as conn:
+        rows = {
+            name: conn.execute(
+                text(
+                    "SELECT count(*) AS chunks, max(length(content)) AS longest, "
+                    "string_agg(content, ' ') AS content FROM embedding "
+                    "WHERE item_id = :i AND chunk_index >= 0"
+                ),
+                {"i": item_id},
+            ).one()
+            for name, item_id in ids.items()
+        }
+    print(
+        f"\nhostile text ({line_mb} MB lines) in {took:.1f}s, peak RSS "
+        f"{sorted(memory.peak_kib.values())} KiB: "
+        + ", ".join(f"{n}: {r.chunks} chunks, longest {r.longest}" for n, r in rows.items())
+    )
+    assert counts == {"done": len(ids)}, counts
+    assert max(memory.peak_kib.values()) < limit_kib, memory.peak_kib
+    assert "\x00" not in rows["nul"].content and "Lighthouse keeper" in rows["nul"].content
+    assert "Grüße" in rows["invalid-utf8"].content and "\ufffd" in rows["invalid-utf8"].content
+    assert "\u202efdp.exe\u202c" in rows["bidi"].content and "\u05e9\u05dc" in rows["bidi"].content
+    assert "👩\u200d👩\u200d👧" in rows["emoji"].content and "🇩🇪" in rows["emoji"].content
+    for name in ("line-prose", "line-hex"):  # every character kept, in chunks of sane size
+        assert rows[name].longest < 10_000, (name, rows[name].longest)
