@@ -31,7 +31,7 @@ from worker.app import (
 )
 from worker.config import get_settings
 from worker.errors import TransientError
-from worker.logs import log_context
+from worker.logs import configured_secrets, log_context, redact
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,8 @@ def run_guarded(
         if is_transient(exc):
             message = f"gave up after {task.request.retries} retries: {message}"
         log.exception("%s failed", what, extra={"stage": "fail"})
-    message = message[:2000]
+    # Recorded on the row and shown by `worker failures`: masked like a log line.
+    message = redact(message, configured_secrets(settings))[:2000]
     fail(message)
     return {"status": "failed", "error": message}
 

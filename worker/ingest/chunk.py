@@ -319,9 +319,7 @@ def _take(queue: list[_Piece], budget: int, max_chars: int) -> list[_Piece]:
     taken = [queue.pop()]
     total = taken[0].tokens
     while (
-        queue
-        and total + queue[-1].tokens <= budget
-        and queue[-1].end - taken[0].start <= max_chars
+        queue and total + queue[-1].tokens <= budget and queue[-1].end - taken[0].start <= max_chars
     ):
         total += queue[-1].tokens
         taken.append(queue.pop())
