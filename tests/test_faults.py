@@ -110,6 +110,13 @@ def test_poison_messages_are_dropped_and_the_worker_lives_on(
     assert conn.llen(queue) == 0  # nothing is redelivered forever
 
 
+def _wait_until_one_done(worker: WorkerProcess, user_id: str, ids: list[int]) -> None:
+    deadline = time.monotonic() + 120
+    while client.wait_for_items(user_id, ids, timeout=0).get("done", 0) < 1:
+        assert time.monotonic() < deadline, worker.log()[-3000:]
+        time.sleep(0.05)
+
+
 def test_postgresql_restart_mid_run_then_everything_completes(
     celery_worker, upload_root: Path, user_id: str, service_urls: dict[str, str]
 ) -> None:  # type: ignore[no-untyped-def]
@@ -122,7 +129,7 @@ def test_postgresql_restart_mid_run_then_everything_completes(
         path.write_text(prose(100 + i, 6))
         paths.append(path)
     ids = [client.enqueue_upload(user_id, p) for p in paths]
-    time.sleep(2.0)  # let the worker get going
+    _wait_until_one_done(celery_worker, user_id, ids)  # mid-run: the rest still to do
     services.pg_restart(settings)
     counts = client.wait_for_items(user_id, ids, timeout=300)
     assert counts == {"done": len(ids)}, (counts, celery_worker.log()[-4000:])
@@ -355,10 +362,7 @@ def test_redis_killed_mid_run_the_worker_reconnects_and_everything_completes(
         path.write_text(prose(300 + i, 5))
         paths.append(path)
     ids = [client.enqueue_upload(user_id, p) for p in paths]
-    deadline = time.monotonic() + 120
-    while client.wait_for_items(user_id, ids, timeout=0).get("done", 0) < 1:
-        assert time.monotonic() < deadline, celery_worker.log()[-3000:]
-        time.sleep(0.1)
+    _wait_until_one_done(celery_worker, user_id, ids)  # mid-run: the rest still queued
     log_before = len(celery_worker.log())
     _kill_redis(settings)
     time.sleep(1.0)  # the worker notices the loss while Redis is down
