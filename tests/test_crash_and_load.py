@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from celery import Celery
 from sqlalchemy import Engine, text
 
 from worker import client
@@ -62,6 +63,7 @@ MAX_ATTEMPTS = 20
 class Deployment:
     env: dict[str, str]
     engine: Engine
+    celery: Celery  # a producer app of its own: the session's app keeps its broker pool
     workdir: Path
     upload_root: Path
 
@@ -74,16 +76,21 @@ class Deployment:
             name=name,
         )
 
+    def start(self, *workers: WorkerProcess) -> None:
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.wait_ready(celery=self.celery)
+
     def requeue(self, stuck_after: float, routes: dict[str, str] | None = None) -> dict[str, Any]:
         """The requeue task as beat runs it, with rows stuck for ``stuck_after`` seconds;
         ``routes`` sends some tasks to other queues (by task name)."""
-        from worker.app import app
         from worker.maintenance.requeue import find_and_requeue
 
         settings = get_settings().model_copy(update={"stuck_after_seconds": stuck_after})
 
         def send(task: str, args: list[object], queue: str) -> None:
-            app.send_task(task, args=args, queue=(routes or {}).get(task, queue))
+            self.celery.send_task(task, args=args, queue=(routes or {}).get(task, queue))
 
         return find_and_requeue(self.engine, settings, send)
 
@@ -101,12 +108,12 @@ def deployment(
     static_model_dir: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Deployment]:
-    """A database and Redis db of their own, migrated, with the static model serving. The
-    producer side of this process points at them for the module (and back afterwards);
-    ``worker_env`` and ``engine`` are requested first so that the session's own are built
-    from the session's settings."""
+    """A database and Redis db of their own, migrated, with the static model serving. This
+    process's settings point at them for the module (and back afterwards), and messages go
+    through a Celery app of its own; ``worker_env`` and ``engine`` are requested first so that
+    the session's own are built from the session's settings."""
     from worker import backfill, services
-    from worker.app import app, configure
+    from worker.app import create_app
     from worker.db import migrate
     from worker.db.engine import get_engine
     from worker.models import activate, add_model, retire
@@ -125,7 +132,6 @@ def deployment(
     os.environ.update(overrides)
     get_settings.cache_clear()
     settings = get_settings()
-    configure(app, settings)
     own = get_engine(settings)
     try:
         migrate.upgrade("head", settings)
@@ -135,7 +141,9 @@ def deployment(
         retire(own, DEFAULT)
         workdir = tmp_path_factory.mktemp("deployment")
         env = {**worker_env, **overrides}
-        yield Deployment(env, own, workdir, Path(service_urls["UPLOAD_ROOT"]))
+        celery = create_app(settings)
+        yield Deployment(env, own, celery, workdir, Path(service_urls["UPLOAD_ROOT"]))
+        celery.close()
     finally:
         for key, value in saved.items():
             if value is None:
@@ -143,7 +151,6 @@ def deployment(
             else:
                 os.environ[key] = value
         get_settings.cache_clear()
-        configure(app, get_settings())
         own.dispose()
         services.drop_database(admin, name)
 
@@ -345,8 +352,8 @@ class UploadProducer:
     """A producer enqueueing small uploads at a steady pace in a thread, so that uploads are
     in flight whenever a kill comes."""
 
-    def __init__(self, root: Path, user: str, every: float = 0.15) -> None:
-        self.root, self.user, self.every = root, user, every
+    def __init__(self, celery: Celery, root: Path, user: str, every: float = 0.15) -> None:
+        self.celery, self.root, self.user, self.every = celery, root, user, every
         self.ids: list[int] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -358,12 +365,13 @@ class UploadProducer:
     def _run(self) -> None:
         while not self._stop.is_set():
             [path] = write_uploads(self.root, self.user, len(self.ids), 1)
-            self.ids.append(client.enqueue_upload(self.user, path))
+            self.ids.append(client.enqueue_upload(self.user, path, celery=self.celery))
             self._stop.wait(self.every)
 
     def stop(self) -> list[int]:
         self._stop.set()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
         return self.ids
 
 
@@ -385,19 +393,19 @@ def test_kill_9_at_random_moments_mid_uploads_and_mid_import(deployment: Deploym
         "imports", queues=",".join(IMPORT_QUEUES.values()), **IMPORT_QUEUES
     )
     workers = (uploads_worker, import_worker)
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.wait_ready()
-    started = time.monotonic()
-    import_settings = get_settings().model_copy(
-        update={"queue_imports": IMPORT_QUEUES["QUEUE_IMPORTS"]}
-    )
-    job = client.import_bookmarks(bookmark_user, export, settings=import_settings)
-    producer = UploadProducer(deployment.upload_root, upload_user).start()
+    producer = UploadProducer(deployment.celery, deployment.upload_root, upload_user)
     kills: list[Kill] = []
-    since = _db_now(deployment.engine)  # claims newer than this belong to live workers
     try:
+        deployment.start(*workers)
+        started = time.monotonic()
+        since = _db_now(deployment.engine)  # claims newer than this belong to live workers
+        import_settings = get_settings().model_copy(
+            update={"queue_imports": IMPORT_QUEUES["QUEUE_IMPORTS"]}
+        )
+        job = client.import_bookmarks(
+            bookmark_user, export, settings=import_settings, celery=deployment.celery
+        )
+        producer.start()
         for round_ in range(KILLS):
             time.sleep(rng.uniform(0.1, 1.5))
 
@@ -418,10 +426,7 @@ def test_kill_9_at_random_moments_mid_uploads_and_mid_import(deployment: Deploym
                 Kill(round(killed_at - started, 2), uploads, batches, staging, progress.processed)
             )
             since = _db_now(deployment.engine)
-            for w in workers:
-                w.start()
-            for w in workers:
-                w.wait_ready()
+            deployment.start(*workers)
             # Rows the dead workers held have not moved since the kill.
             deployment.requeue(time.monotonic() - killed_at, IMPORT_ROUTES)
         upload_ids = producer.stop()
@@ -459,21 +464,22 @@ class GroupMemory:
     """Samples the resident memory of every process in a process group (the worker's main
     process and its pool's children, replaced ones included) from /proc."""
 
-    def __init__(self, pgid: int, every: float = 0.5) -> None:
-        self.pgid = pgid
+    def __init__(self, every: float = 0.5) -> None:
+        self.pgid = 0
         self.every = every
         self.peak_kib: dict[int, int] = {}
         self.peak_total_kib = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def start(self) -> GroupMemory:
+    def watch(self, pgid: int) -> None:
+        self.pgid = pgid
         self._thread.start()
-        return self
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -540,16 +546,20 @@ def test_load_many_uploads_and_a_big_import_at_once(deployment: Deployment) -> N
     paths = write_uploads(root, upload_user, 0, n_uploads)
     export = deployment.upload_root / f"{bookmark_user}.html"
     export.write_bytes(bookmark_export(n_bookmarks, bookmark_user))
-    worker = deployment.worker("load", WORKER_MAX_MEMORY_PER_CHILD=str(limit_kib)).start()
-    worker.wait_ready()
-    assert worker.proc is not None
-    memory = GroupMemory(worker.proc.pid).start()
+    worker = deployment.worker("load", WORKER_MAX_MEMORY_PER_CHILD=str(limit_kib))
+    celery = deployment.celery
     readings: list[dict[str, Any]] = []
-    started = time.monotonic()
+    memory = GroupMemory()
     try:
-        job = client.import_bookmarks(bookmark_user, export)
+        deployment.start(worker)
+        assert worker.proc is not None
+        memory.watch(worker.proc.pid)
+        started = time.monotonic()
+        job = client.import_bookmarks(bookmark_user, export, celery=celery)
         with ThreadPoolExecutor(4) as pool:
-            ids = list(pool.map(lambda p: client.enqueue_upload(upload_user, p), paths))
+            ids = list(
+                pool.map(lambda p: client.enqueue_upload(upload_user, p, celery=celery), paths)
+            )
         enqueued_s = time.monotonic() - started
         readings.append({"at_s": round(enqueued_s, 1), **status_reading(deployment)})
         while True:
@@ -628,18 +638,23 @@ def test_hostile_text_through_the_worker(deployment: Deployment) -> None:
     limit_kib = get_settings().worker_max_memory_per_child
     user = f"hostile-{uuid.uuid4().hex[:8]}"
     paths = hostile_files(deployment.upload_root, user, line_mb)
-    worker = deployment.worker("hostile").start()
-    worker.wait_ready()
-    assert worker.proc is not None
-    memory = GroupMemory(worker.proc.pid).start()
-    started = time.monotonic()
+    worker = deployment.worker("hostile")
+    celery = deployment.celery
+    memory = GroupMemory()
     try:
-        ids = {name: client.enqueue_upload(user, path) for name, path in paths.items()}
+        deployment.start(worker)
+        assert worker.proc is not None
+        memory.watch(worker.proc.pid)
+        started = time.monotonic()
+        ids = {
+            name: client.enqueue_upload(user, path, celery=celery) for name, path in paths.items()
+        }
         counts = client.wait_for_items(user, list(ids.values()), timeout=1800)
         took = time.monotonic() - started
         after = deployment.upload_root / f"{user}-after.txt"
         after.write_text(prose(77, 2))
-        assert client.wait_for_items(user, [client.enqueue_upload(user, after)]) == {"done": 1}
+        late = client.enqueue_upload(user, after, celery=celery)
+        assert client.wait_for_items(user, [late]) == {"done": 1}
         assert worker.alive
     finally:
         memory.stop()
