@@ -228,7 +228,9 @@ def test_a_worker_started_before_its_services_waits_then_works(
         REDIS_URL=_with_port(service_urls["REDIS_URL"], redis_gate.port),
         PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "metrics"),
     )
-    worker = WorkerProcess(tmp_path / "late.log", env=env, name="late").start()
+    # Queues of its own: the session's worker (same Redis) must not answer for this one.
+    queues = "late_ingest,late_maintenance"
+    worker = WorkerProcess(tmp_path / "late.log", env=env, queues=queues, name="late").start()
     try:
         first = _wait_for_log(worker, r"waiting for services \(attempt 1\b.*")
         assert "PostgreSQL" in first[0] and "Redis" in first[0], first[0]
@@ -243,7 +245,7 @@ def test_a_worker_started_before_its_services_waits_then_works(
         assert "PostgreSQL and Redis answer after" in worker.log()
         # A task that reads and writes the database (its maintenance_run row) through the
         # late worker.
-        result = app.send_task(TASK_MAINT_REQUEUE).get(timeout=60)
+        result = app.send_task(TASK_MAINT_REQUEUE, queue="late_maintenance").get(timeout=60)
         assert result["run_id"] is not None and not result["skipped"], result
     finally:
         worker.stop()
