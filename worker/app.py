@@ -6,6 +6,7 @@ stay light: no torch, no task modules at import time (``include`` loads them in 
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 from typing import Any
 
@@ -25,6 +26,9 @@ TASK_MAINT_VACUUM = "worker.maintenance.vacuum"
 TASK_MAINT_REQUEUE = "worker.maintenance.requeue"
 TASK_MAINT_PURGE = "worker.maintenance.purge"
 TASK_MAINT_STATS = "worker.maintenance.stats"
+# Backoff from 10 ms doubling up to 10 s (full jitter): 20 tries ride out a minute or more
+# without Redis.
+RESULT_BACKEND_RETRIES = 20
 
 
 def routes(settings: Settings) -> dict[str, dict[str, str]]:
@@ -116,6 +120,15 @@ def configure(app: Celery, settings: Settings) -> None:
         worker_concurrency=settings.worker_concurrency,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,  # wait for Redis forever, logging each try
+        # Redis gone for a moment must not fail a task: storing its state (STARTED, the
+        # result) retries with backoff instead of raising, which would fail the task before
+        # it ran and acknowledge its message.
+        result_backend_always_retry=True,
+        result_backend_max_retries=RESULT_BACKEND_RETRIES,
+        # On a lost broker connection, tasks already running finish their work (their one
+        # transaction is what counts); their acknowledgement is lost with the connection, so
+        # the message comes back after the visibility timeout and finds the row done.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_hijack_root_logger=False,
         beat_schedule=beat_schedule(settings),
         timezone="UTC",
@@ -140,9 +153,22 @@ def _setup_logging(**_: Any) -> None:
 
 @signals.worker_init.connect
 def _worker_init(sender: Any = None, **_: Any) -> None:
-    """In the main process, before the pool forks: remember the pool's real size."""
+    """In the main process, before the pool forks and before the consumer connects: wait
+    until PostgreSQL and Redis answer (logging each try), and remember the pool's real size."""
+    from worker.logs import configure_logging
     from worker.runtime import record_pool_size
+    from worker.startup import ServicesUnavailable, wait_for_services
 
+    settings = get_settings()
+    # Celery sets up logging only after this signal; the waiting lines need it now.
+    configure_logging(settings)
+    try:
+        wait_for_services(settings)
+    except ServicesUnavailable as exc:
+        # Celery logs and swallows a signal handler's exception; a worker that cannot reach
+        # its services must stop instead (its supervisor decides what next).
+        logging.getLogger(__name__).critical("%s", exc)
+        raise SystemExit(1) from exc
     concurrency = getattr(sender, "concurrency", None)
     if concurrency:
         record_pool_size(concurrency)

@@ -64,7 +64,7 @@ def enqueue_upload(
     settings = settings or get_settings()
     _require_user(user_id)
     real, rel = _stored_file(path, settings)
-    with session_scope() as session:
+    with session_scope(user_id=user_id) as session:
         item_id = queries.insert_upload(
             session,
             user_id=user_id,
@@ -101,7 +101,7 @@ def import_bookmarks(
     if fmt is not None and fmt not in FORMATS:
         raise ValueError(f"unknown bookmark format {fmt!r}; the formats are {', '.join(FORMATS)}")
     real, rel = _stored_file(path, settings)
-    with session_scope() as session:
+    with session_scope(user_id=user_id) as session:
         job_id = queries.insert_import_job(
             session,
             user_id=user_id,
@@ -119,22 +119,22 @@ def import_bookmarks(
 def item_status(user_id: str, item_id: int) -> dict[str, Any] | None:
     """The item's status, attempts, error, chunk count and analysis version; None when the
     item does not exist for this user."""
-    with session_scope() as session:
-        status = queries.item_status(session, _require_user(user_id), item_id)
+    with session_scope(user_id=_require_user(user_id)) as session:
+        status = queries.item_status(session, user_id, item_id)
     return status.as_dict() if status else None
 
 
 def list_items(user_id: str, **filters: Any) -> list[dict[str, Any]]:
-    with session_scope() as session:
-        return queries.list_items(session, _require_user(user_id), **filters)
+    with session_scope(user_id=_require_user(user_id)) as session:
+        return queries.list_items(session, user_id, **filters)
 
 
 def delete_item(user_id: str, item_id: int) -> bool:
     """Soft-delete one of the user's items: it leaves search and listings at once, and the
     purge task removes its rows after PURGE_AFTER_DAYS. False when there is no such live
     item for this user."""
-    with session_scope() as session:
-        return queries.soft_delete_item(session, _require_user(user_id), item_id)
+    with session_scope(user_id=_require_user(user_id)) as session:
+        return queries.soft_delete_item(session, user_id, item_id)
 
 
 @dataclass(frozen=True)
@@ -170,8 +170,8 @@ def import_status(user_id: str, job_id: int) -> ImportProgress | None:
     ``worker.bookmarks.progress``), and why it is not moving when it is not."""
     from worker.bookmarks import progress
 
-    with session_scope() as session:
-        job = queries.import_job(session, _require_user(user_id), job_id)
+    with session_scope(user_id=_require_user(user_id)) as session:
+        job = queries.import_job(session, user_id, job_id)
         if job is None:
             return None
         est = progress.estimate(
@@ -245,7 +245,7 @@ def wait_for_items(
     """Block until no item is queued or processing (or the timeout); return status counts."""
     deadline = time.monotonic() + timeout
     while True:
-        with session_scope() as session:
+        with session_scope(user_id=_require_user(user_id)) as session:
             counts = queries.items_status_counts(session, user_id, item_ids)
         if not (counts.get("queued") or counts.get("processing")) or time.monotonic() > deadline:
             return counts

@@ -76,6 +76,11 @@ class Settings(BaseSettings):
     db_statement_timeout_ms: int = Field(
         0, ge=0, description="statement_timeout for worker sessions (0 = off)."
     )
+    row_level_security: bool = Field(
+        False,
+        description="Declare the user (app.user_id) in every client and search transaction, "
+        "for PostgreSQL row-level security.",
+    )
 
     # --- uploads -------------------------------------------------------------------------
     upload_root: Path = Field(Path(".data/uploads"), description="Only files under it are read.")
@@ -196,6 +201,11 @@ class Settings(BaseSettings):
     max_attempts: int = Field(5, ge=1, description="Claims of one item before it is failed.")
     worker_max_memory_per_child: int = Field(
         1_500_000, ge=0, description="KiB; a child over it is replaced after its task."
+    )
+    service_wait_timeout: float = Field(
+        0.0,
+        ge=0,
+        description="Seconds a starting worker waits for PostgreSQL and Redis (0 = forever).",
     )
 
     # --- beat ----------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Semantic, full-text and hybrid search over one user's items (read-only).
 
 Every query is scoped twice: ``user_id = :user_id`` on the table searched *and* on ``item``,
-with ``item.deleted_at IS NULL``; no path returns another user's rows or a deleted item.
+with ``item.deleted_at IS NULL``; no path returns another user's rows or a deleted item. With
+``ROW_LEVEL_SECURITY`` on, each search also declares its user to the database's policies.
 
 Semantic search picks one of two plans by the tenant's row count for the model:
 
@@ -34,6 +35,7 @@ from sqlalchemy import Row, text
 from sqlalchemy.orm import Session
 
 from worker.config import get_settings
+from worker.db.engine import declare_user
 from worker.db.indexes import OPERATORS, IndexSpec, model_predicate, vector_expr
 from worker.db.models import TS_CONFIG
 
@@ -464,6 +466,7 @@ def semantic_search(
     _check_page(limit, offset)
     if limit == 0:
         return []
+    declare_user(session, user_id)
     settings = get_settings()
     threshold = settings.exact_search_max_rows if exact_threshold is None else exact_threshold
     spec, rows, files = _model_and_tenant(session, user_id, model, threshold + 1)
@@ -584,6 +587,7 @@ def text_search(
     _check_page(limit, offset)
     if limit == 0 or not query.strip():
         return []
+    declare_user(session, user_id)
     matches = _text_matches(session, user_id, query, filters, limit, offset)
     rows = _load_hits(session, user_id, matches, tsquery=query)
     return [

@@ -67,6 +67,13 @@ def snapshot(settings: Settings | None = None) -> dict[str, Any]:
     return {
         "workers": workers_seen(),
         "queues": queue_depths(settings),
+        # Rates: items finished per second over the last minute (the import's own rate is
+        # in imports_running).
+        "throughput": _rows(
+            "SELECT kind, status, count(*) AS last_minute, round(count(*) / 60.0, 1) AS per_s "
+            "FROM item WHERE processed_at > now() - interval '1 minute' "
+            "AND status IN ('done', 'failed', 'skipped') GROUP BY 1, 2 ORDER BY 1, 2"
+        ),
         "items_last_hour": _rows(
             "SELECT kind, status, count(*) AS n FROM item "
             "WHERE updated_at > now() - interval '1 hour' GROUP BY 1, 2 ORDER BY 1, 2"
@@ -144,6 +151,12 @@ def overview(settings: Settings | None = None) -> str:
         "queues: " + ", ".join(f"{k}={v}" for k, v in data["queues"].items()),
         f"embed window: {data['embed_window']}",
     ]
-    for key in ("items_last_hour", "imports_running", "recent_failures", "maintenance"):
+    for key in (
+        "throughput",
+        "items_last_hour",
+        "imports_running",
+        "recent_failures",
+        "maintenance",
+    ):
         parts.append(f"\n{key.replace('_', ' ')}:\n{table(data[key])}")
     return "\n".join(parts)

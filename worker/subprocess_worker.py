@@ -89,13 +89,15 @@ class WorkerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def wait_ready(self, timeout: float = 120) -> dict[str, Any]:
-        """Until the worker answers the health task through the broker (sent to the first
-        queue it consumes, so that another worker on other queues cannot answer for it)."""
+    def wait_ready(self, timeout: float = 120, celery: Any = None) -> dict[str, Any]:
+        """Until the worker answers the health task through the broker (``celery``: the app
+        of the worker's broker, by default this process's). It is sent to the last queue the
+        worker consumes (maintenance by default), where it does not wait behind a backlog of
+        uploads."""
         from worker.app import TASK_HEALTH, app
 
-        queue = self.queues.split(",")[0]
-
+        celery = celery or app
+        queue = self.queues.split(",")[-1]
         deadline = time.monotonic() + timeout
         last: Exception | None = None
         while time.monotonic() < deadline:
@@ -104,7 +106,7 @@ class WorkerProcess:
                     f"worker exited early; log {self.log_path}:\n{self.log()[-4000:]}"
                 )
             try:
-                answer: dict[str, Any] = app.send_task(TASK_HEALTH, queue=queue).get(timeout=10)
+                answer: dict[str, Any] = celery.send_task(TASK_HEALTH, queue=queue).get(timeout=10)
                 return answer
             except Exception as exc:  # not consuming yet
                 last = exc

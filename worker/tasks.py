@@ -33,7 +33,7 @@ from worker.app import (
 )
 from worker.config import get_settings
 from worker.errors import TransientError
-from worker.logs import log_context
+from worker.logs import configured_secrets, log_context, redact
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,26 @@ def retry_if_transient(task: Task, exc: BaseException) -> None:
         raise task.retry(exc=exc, countdown=delay)
 
 
+def send_after_commit(task: str, queue: str, *args: Any, **kwargs: Any) -> bool:
+    """Send a follow-up task for rows this task has committed. When the broker cannot take
+    it now (Redis restarting), nothing is lost: the rows stay queued and the requeue task
+    sends them again. So the failure is logged, not raised: raising would fail (and record
+    as failed) work that is already done."""
+    try:
+        app.send_task(task, args=list(args), kwargs=kwargs or None, queue=queue)
+    except Exception as exc:
+        log.warning(
+            "could not send %s%s now (%s: %s); the requeue task will send it",
+            task,
+            list(args),
+            exc.__class__.__name__,
+            exc,
+            extra={"stage": "send"},
+        )
+        return False
+    return True
+
+
 @app.task(name=TASK_HEALTH)
 def health() -> dict[str, Any]:
     """Answered by a live worker: proves broker → worker → result backend works."""
@@ -117,7 +137,8 @@ def run_guarded(
         if is_transient(exc):
             message = f"gave up after {task.request.retries} retries: {message}"
         log.exception("%s failed", what, extra={"stage": "fail"})
-    message = message[:2000]
+    # Recorded on the row and shown by `worker failures`: masked like a log line.
+    message = redact(message, configured_secrets(settings))[:2000]
     fail(message)
     return {"status": "failed", "error": message}
 
@@ -161,10 +182,10 @@ def import_bookmarks(self: Task, job_id: int) -> dict[str, Any]:
             return {"job_id": job_id, "status": "cancelled"}
         # Sent after the staging transaction committed; a lost send is found by requeue.
         # An interactive job's batches all go now; a bulk job's as the dispatcher allows.
+        # A send the broker refuses is not lost: requeue finds the batch and sends it again.
         messages = dispatch.after_staging(engine, settings, job_id, batch_ids)
-        for task, args, queue in messages:
-            app.send_task(task, args=args, queue=queue)
-        return {"job_id": job_id, "batches": len(batch_ids), "sent": len(messages)}
+        sent = sum(send_after_commit(task, queue, *args) for task, args, queue in messages)
+        return {"job_id": job_id, "batches": len(batch_ids), "sent": sent}
 
     with log_context(import_job_id=job_id, task_id=self.request.id):
         return run_guarded(
@@ -199,14 +220,12 @@ def embed_bookmark_batch(self: Task, batch_id: int) -> dict[str, Any]:
         if result.get("segment"):
             # Its partition has no vector index yet: build it in bulk now (it is searched
             # exactly meanwhile). Index upkeep catches a lost message.
-            app.send_task(
-                TASK_INDEX_SEGMENT, args=[result["job_id"]], queue=settings.queue_maintenance
-            )
+            send_after_commit(TASK_INDEX_SEGMENT, settings.queue_maintenance, result["job_id"])
         # Fresh statistics for the planner right after a bulk load.
-        app.send_task(
+        send_after_commit(
             TASK_MAINT_VACUUM,
-            kwargs={"analyze_only": ["item", "bookmark", "embedding"]},
-            queue=settings.queue_maintenance,
+            settings.queue_maintenance,
+            analyze_only=["item", "bookmark", "embedding"],
         )
     _release_bulk(engine, settings)
     return result
@@ -337,7 +356,7 @@ from worker.backfill import TASK_BACKFILL_BATCH, TASK_BACKFILL_FINISH  # noqa: E
 
 
 def _send_backfill_finish(job_id: int) -> None:
-    app.send_task(TASK_BACKFILL_FINISH, args=[job_id], queue=get_settings().queue_maintenance)
+    send_after_commit(TASK_BACKFILL_FINISH, get_settings().queue_maintenance, job_id)
 
 
 @app.task(name=TASK_BACKFILL_BATCH, bind=True)
@@ -389,5 +408,5 @@ def backfill_finish(self: Task, job_id: int) -> dict[str, Any]:
             lambda message: backfill.fail_job(engine, job_id, message),
         )
     for batch_id in result.get("batch_ids", []):
-        app.send_task(TASK_BACKFILL_BATCH, args=[batch_id], queue=settings.queue_ingest)
+        send_after_commit(TASK_BACKFILL_BATCH, settings.queue_ingest, batch_id)
     return result

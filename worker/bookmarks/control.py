@@ -36,6 +36,7 @@ from worker.bookmarks import dispatch
 from worker.bookmarks.dispatch import Message, Send, default_send
 from worker.bookmarks.segments import drop_segment
 from worker.config import Settings
+from worker.db.engine import declare_user
 
 # Items deleted per transaction when a cancel removes what an import created: short
 # transactions, and a cancel interrupted half-way finishes when it is run again.
@@ -65,6 +66,8 @@ class _Job:
 
 def _lock(conn: Connection, job_id: int, user_id: str | None) -> _Job | None:
     """Lock the job's unfinished batches, then the job row (the order of a batch's write)."""
+    if user_id is not None:
+        declare_user(conn, user_id)  # ROW_LEVEL_SECURITY: the policies see this user only
     owner = conn.execute(
         text(
             "SELECT user_id FROM import_job WHERE id = :id "
@@ -228,6 +231,7 @@ def _remove_created(engine: Engine, job_id: int, user_id: str, *, keep: bool) ->
     removed = 0
     while True:
         with engine.begin() as conn:
+            declare_user(conn, user_id)
             n = conn.execute(
                 text(
                     "DELETE FROM item WHERE id IN (SELECT b.item_id FROM bookmark b "

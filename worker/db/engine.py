@@ -67,11 +67,22 @@ def dispose_engines() -> None:
 
 
 @contextmanager
-def session_scope(engine: Engine | None = None) -> Iterator[Session]:
-    """A session in one transaction: commit when the block ends, roll back on any error."""
+def session_scope(engine: Engine | None = None, *, user_id: str | None = None) -> Iterator[Session]:
+    """A session in one transaction: commit when the block ends, roll back on any error.
+    With ``user_id``, the transaction declares that user for row-level security."""
     factory = sessionmaker(bind=engine or get_engine(), expire_on_commit=False)
     with factory() as session, session.begin():
+        if user_id is not None:
+            declare_user(session, user_id)
         yield session
+
+
+def declare_user(session: Session | Connection, user_id: str) -> None:
+    """With ROW_LEVEL_SECURITY on, set ``app.user_id`` for the rest of this transaction (the
+    key of the row-level security policies, migration 0005). Transaction-local, so a pooled
+    connection never carries one request's user into the next."""
+    if get_settings().row_level_security:
+        session.execute(text("SELECT set_config('app.user_id', :u, true)"), {"u": user_id})
 
 
 @dataclass

@@ -9,7 +9,9 @@ thought cut in two is still whole in one of the vectors.
 Guarantees, checked by the tests:
 - every chunk has at most ``limit`` tokens, counted by the embedder on the chunk's own text;
 - every non-whitespace character of the document lies inside some chunk;
-- ``chunk.text == doc.text[chunk.start:chunk.end]`` (chunks never start or end in whitespace).
+- ``chunk.text == doc.text[chunk.start:chunk.end]`` (chunks never start or end in whitespace);
+- a chunk holds at most about ``MAX_CHARS_PER_TOKEN`` characters per allowed token (more only
+  when a single piece is longer), so junk without whitespace cannot make huge chunks.
 
 Cost: the text is tokenised about twice (once to measure the pieces, once to verify the
 chunks), in bounded windows, so a 50 MB single-line file takes linear time and bounded
@@ -45,8 +47,16 @@ _WINDOW_CHARS = 64 * 1024
 # Windows are tokenised in groups of about this many characters (one batch call each).
 _GROUP_CHARS = 2 * 1024 * 1024
 
-# Chunks are re-counted this many at a time (about 1.5 MB of text for full chunks).
+# Chunks are re-counted this many at a time (about 1.5 MB of text for full chunks), and never
+# more than _COUNT_BATCH_CHARS at once: a tokenizer call holds per-character alignment data,
+# so its memory grows with the characters it is given, not with the tokens.
 _COUNT_BATCH = 1024
+_COUNT_BATCH_CHARS = 2 * 1024 * 1024
+# Characters per chunk are bounded too, at this many per allowed token: prose runs 4-6
+# characters a token, so only junk reaches it. A "word" of megabytes without whitespace
+# (base64, minified data) is one unknown token for WordPiece; counted in tokens alone, a
+# 50 MB line would make chunks of megabytes, each tokenised again at gigabytes of memory.
+MAX_CHARS_PER_TOKEN = 16
 
 Offsets = list[tuple[int, int]]
 
@@ -189,8 +199,22 @@ def _pieces_of_group(
     text: str, spans: list[tuple[int, int]], embedder: Embedder, limit: int
 ) -> Iterator[_Piece]:
     all_offsets = _offsets_many(embedder, [text[s:e] for s, e in spans])
+    max_chars = limit * MAX_CHARS_PER_TOKEN
     for (s, e), offsets in zip(spans, all_offsets, strict=True):
-        yield from _pieces_of_span(text, s, e, [(a + s, b + s) for a, b in offsets], limit)
+        absolute = [(a + s, b + s) for a, b in offsets]
+        for piece in _pieces_of_span(text, s, e, absolute, limit):
+            if piece.end - piece.start <= max_chars:
+                yield piece
+            else:  # few tokens over many characters: junk without whitespace
+                yield from _slices(text, piece, [a for a, _ in absolute], max_chars)
+
+
+def _slices(text: str, piece: _Piece, starts: list[int], max_chars: int) -> Iterator[_Piece]:
+    """``piece`` cut into slices of at most ``max_chars`` characters (at whitespace where
+    there is some), each counted as the tokens starting in it (at least one: a slice of one
+    unknown "word" is still a token when it is embedded)."""
+    for s, e in _windows(text, piece.start, piece.end, max_chars):
+        yield _Piece(s, e, max(1, bisect_left(starts, e) - bisect_left(starts, s)))
 
 
 def _pieces_of_span(
@@ -273,11 +297,14 @@ def _pack(
     spans: list[tuple[int, int]] = []
     queue = list(reversed(pieces))  # a stack: pop() takes the next piece in text order
     previous: list[_Piece] = []
+    max_chars = limit * MAX_CHARS_PER_TOKEN
     while queue:
         first = queue[-1]
         budget = min(overlap_tokens, limit - first.tokens)
         overlap = _overlap(text, previous, spans[-1][0] if spans else -1, budget, embedder)
-        taken = _take(queue, limit - (overlap[1] if overlap else 0))
+        if overlap and first.start - overlap[0] > max_chars // 2:
+            overlap = None  # a tail of junk "words": repeating it would double the chunk
+        taken = _take(queue, limit - (overlap[1] if overlap else 0), max_chars)
         start = overlap[0] if overlap else taken[0].start
         if verify is not None:
             start, taken = _shrink_to_fit(text, queue, taken, start, limit, embedder, verify)
@@ -286,11 +313,14 @@ def _pack(
     return spans
 
 
-def _take(queue: list[_Piece], budget: int) -> list[_Piece]:
-    """Pop pieces while they fit in ``budget`` tokens; always at least one."""
+def _take(queue: list[_Piece], budget: int, max_chars: int) -> list[_Piece]:
+    """Pop pieces while they fit in ``budget`` tokens and ``max_chars`` characters; always
+    at least one."""
     taken = [queue.pop()]
     total = taken[0].tokens
-    while queue and total + queue[-1].tokens <= budget:
+    while (
+        queue and total + queue[-1].tokens <= budget and queue[-1].end - taken[0].start <= max_chars
+    ):
         total += queue[-1].tokens
         taken.append(queue.pop())
     return taken
@@ -394,6 +424,14 @@ def _count_many(embedder: Embedder, texts: list[str]) -> list[int]:
         return [embedder.count_tokens(t) for t in texts]
     # In slices: the tokenizer holds every encoding of a batch at once (ids, offsets, masks).
     counts: list[int] = []
-    for i in range(0, len(texts), _COUNT_BATCH):
-        counts.extend(embedder.count_tokens_batch(texts[i : i + _COUNT_BATCH]))
+    batch: list[str] = []
+    chars = 0
+    for text in texts:
+        if batch and (len(batch) >= _COUNT_BATCH or chars + len(text) > _COUNT_BATCH_CHARS):
+            counts.extend(embedder.count_tokens_batch(batch))
+            batch, chars = [], 0
+        batch.append(text)
+        chars += len(text)
+    if batch:
+        counts.extend(embedder.count_tokens_batch(batch))
     return counts
