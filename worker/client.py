@@ -174,16 +174,8 @@ def import_status(user_id: str, job_id: int) -> ImportProgress | None:
         job = queries.import_job(session, user_id, job_id)
         if job is None:
             return None
-        est = progress.estimate(
-            status=job.status,
-            lane=job.lane,
-            total=job.total,
-            processed=job.processed,
-            started_at=job.started_at,
-            finished_at=job.finished_at,
-            finishes=progress.recent_finishes(session, job.id),
-            window=get_settings().window,
-            now=queries.db_now(session),
+        est = progress.estimate_job(
+            session, job, window=get_settings().window, now=queries.db_now(session)
         )
         return ImportProgress(
             id=job.id,

@@ -104,17 +104,7 @@ def imports_running(settings: Settings) -> list[dict[str, Any]]:
             )
         ).all()
         for job in jobs:
-            est = progress.estimate(
-                status=job.status,
-                lane=job.lane,
-                total=job.total,
-                processed=job.processed,
-                started_at=job.started_at,
-                finished_at=job.finished_at,
-                finishes=progress.recent_finishes(s, job.id),
-                window=settings.window,
-                now=now,
-            )
+            est = progress.estimate_job(s, job, window=settings.window, now=now)
             out.append(
                 {
                     "id": job.id,

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import pairwise
+from typing import Any
 
 from sqlalchemy import Connection, text
 from sqlalchemy.orm import Session
@@ -104,3 +105,21 @@ def estimate(
     if status not in RUNNING or rate is None or rate <= 0:
         return Estimate(rate, None)
     return Estimate(rate, max(total - processed, 0) / rate)
+
+
+def estimate_job(
+    session: Session, job: Any, *, window: TimeWindow | None, now: datetime
+) -> Estimate:
+    """``estimate`` for an ``import_job`` row (any object with its columns), reading the
+    job's recent batch finishes in ``session``."""
+    return estimate(
+        status=job.status,
+        lane=job.lane,
+        total=job.total,
+        processed=job.processed,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        finishes=recent_finishes(session, job.id),
+        window=window,
+        now=now,
+    )
