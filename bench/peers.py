@@ -103,7 +103,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="before each step, wait until others use at most this many cores",
     )
     parser.add_argument(
-        "--quiet-timeout", type=float, help="…but no longer than this (s; default 90, quick 20)"
+        "--quiet-timeout", type=float, help="…but no longer than this (s; default 60, quick 20)"
+    )
+    parser.add_argument(
+        "--quiet-budget",
+        type=float,
+        help="…and no longer than this for the whole run (s; default 300, quick 60)",
     )
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results.md")
     parser.add_argument("--chart", type=Path, default=ROOT / "bench" / "results.png")
@@ -113,7 +118,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.bookmarks = args.bookmarks or (600 if args.quick else 3000)
     args.vectors = args.vectors or (20_000 if args.quick else 100_000)
     if args.quiet_timeout is None:
-        args.quiet_timeout = 20.0 if args.quick else 90.0
+        args.quiet_timeout = 20.0 if args.quick else 60.0
+    if args.quiet_budget is None:
+        args.quiet_budget = 60.0 if args.quick else 300.0
     return args
 
 
@@ -199,18 +206,20 @@ def package_versions(python: Path, names: Sequence[str]) -> dict[str, str | None
 @dataclass
 class Gate:
     """Before each measured step, wait for the machine to be quiet (others using at most
-    ``max_others`` cores, up to ``timeout`` seconds); record how long it waited and how many
-    cores others kept busy during the step (bench.contention)."""
+    ``max_others`` cores), up to ``timeout`` seconds a step and ``budget`` seconds for the
+    whole run (a machine busy for good should not make the run last for ever); record how
+    long it waited and how many cores others kept busy during the step (bench.contention)."""
 
     servers: list[int]
     max_others: float
     timeout: float
+    budget: float
 
     def measure(self, label: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        waited, before = wait_for_quiet(
-            self.servers, max_others=self.max_others, timeout=self.timeout
-        )
-        if waited >= self.timeout:
+        limit = max(2.0, min(self.timeout, self.budget))
+        waited, before = wait_for_quiet(self.servers, max_others=self.max_others, timeout=limit)
+        self.budget -= waited
+        if before > self.max_others:
             print(f"  (not quiet after {waited:.0f}s: others use {before:.1f} cores)", flush=True)
         with Step(self.servers) as step:
             result = fn()
@@ -395,12 +404,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    from bench._db import fresh_database
+    from bench._db import use_configured_services
     from worker.app import app, configure
-    from worker.config import get_settings
+    from worker.config import get_settings, mask_url
     from worker.ingest.embed import default_model_path
 
+    use_configured_services()
     settings = get_settings()
+    print(
+        f"PostgreSQL {mask_url(settings.database_url.rsplit('/', 1)[0])}, "
+        f"Redis {mask_url(settings.celery_broker_url)}",
+        flush=True,
+    )
     model_path = settings.model_path or default_model_path()
     threads = os.cpu_count() or 1
     figures: dict[str, Any] = {
@@ -419,13 +434,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     started = time.perf_counter()
     # The client side (enqueue, waiting) uses this process's settings and Celery app.
-    fresh_database("bench_peers_uploads")
-    configure(app, get_settings())
+    configure(app, settings)
     steps = plan(args.quick)
     gate = Gate(
         server_pids([settings.database_url, settings.celery_broker_url]),
         args.quiet_cores,
         args.quiet_timeout,
+        args.quiet_budget,
     )
     with TemporaryDirectory(prefix="bench-peers-") as tmp:
         from bench.corpus import build
