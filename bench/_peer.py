@@ -29,6 +29,7 @@ def arguments(description: str, argv: Sequence[str] | None = None) -> argparse.N
     parser.add_argument(
         "--batch-sizes", default="32", help="comma-separated (bench.peer_encode only)"
     )
+    parser.add_argument("--repeats", type=int, default=1, help="bench.peer_encode only")
     parser.add_argument("--limit", type=int, default=0, help="first N texts only (0 = all)")
     return parser.parse_args(argv)
 

@@ -304,7 +304,7 @@ def run_kind(
         ours(*config)
     ceiling("after")
 
-    # Batch-size sweep of the model's own encode (on a sample for long passages), and the
+    # Batch-size sweep of the model's own encode (on a sample), twice, and the
     # same encode in the peers' environment: equal rates show the two stacks are the same.
     sweep_limit = min(texts, 200 if kind == "uploads" else 1500)
     sizes = ",".join(str(b) for b in sorted({32, *steps["sweep"]}))
@@ -314,7 +314,7 @@ def run_kind(
         lambda: run_peer(
             Path(sys.executable),
             "bench.peer_encode",
-            [*common, "--batch-sizes", sizes, "--limit", str(sweep_limit)],
+            [*common, "--batch-sizes", sizes, "--limit", str(sweep_limit), "--repeats", "2"],
             label="sweep",
         ),
     )
@@ -472,6 +472,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         drop_plain_database("bench_peers_copy")
     figures["meta"]["load_end"] = os.getloadavg()
+    figures["meta"]["quiet"] = {
+        "max_others_cores": args.quiet_cores,
+        "step_timeout_s": args.quiet_timeout,
+        "budget_s": args.quiet_budget,
+        "budget_left_s": round(gate.budget, 1),
+    }
     figures["meta"]["wall_s"] = time.perf_counter() - started
     figures["versions"] = {
         "python": sys.version.split()[0],

@@ -205,8 +205,7 @@ def markdown(figures: dict[str, Any], *, chart: str = "results.png") -> str:
         f"({meta['threads']} per process for every single-process system). Ratios are to the "
         "model's own `encode` on the same texts in the same run; the machine is shared, so "
         "absolute times mean little. *Others' cores* is how many cores other users of the "
-        "machine kept busy during a step (0 = we had it to ourselves; before each step the "
-        "benchmark waits for a quiet moment, up to a limit).",
+        "machine kept busy during a step (0 = we had it to ourselves)" + _quiet(meta) + ".",
         "",
         f"Machine: {machine['cpu']}, {cores} cores, {machine['memory_gib']} GiB, "
         f"{machine['os']}; load average {meta['load_start'][0]:.2f} at the start, "
@@ -334,6 +333,17 @@ def markdown(figures: dict[str, Any], *, chart: str = "results.png") -> str:
     lines.append("- peers' environment (`.venv-peers`): " + _versions(versions["peers"]))
     lines.append("")
     return "\n".join(lines)
+
+
+def _quiet(meta: dict[str, Any]) -> str:
+    quiet = meta.get("quiet")
+    if not quiet:
+        return ""
+    return (
+        f"; before each step the run waited for others to use at most "
+        f"{quiet['max_others_cores']} cores, up to {quiet['step_timeout_s']:.0f} s a step and "
+        f"{quiet['budget_s']:.0f} s in all ({quiet['budget_left_s']:.0f} s of it left unused)"
+    )
 
 
 def _cores(value: float | None) -> str:
