@@ -78,6 +78,7 @@ class WorkerRun:
     batch_size: int
     analysis: str
     texts: int  # what the ceiling encodes for this corpus
+    max_batch_tokens: int | None = None  # EMBED_MAX_BATCH_TOKENS; None: the setting's default
     seconds: float = 0.0
     rerun_seconds: float = 0.0
     outcome: dict[str, Any] = field(default_factory=dict)
@@ -98,6 +99,7 @@ def _worker_env(run: WorkerRun, corpus: Corpus) -> dict[str, str]:
         ANALYSIS_PROVIDER=run.analysis,
         WORKER_CONCURRENCY=str(run.concurrency),
         EMBED_BATCH_SIZE=str(run.batch_size),
+        **({"EMBED_MAX_BATCH_TOKENS": str(run.max_batch_tokens)} if run.max_batch_tokens else {}),
         UPLOAD_ROOT=str(corpus.upload_root),
         LOG_LEVEL="WARNING",
         TOKENIZERS_PARALLELISM="false",

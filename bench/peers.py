@@ -126,19 +126,33 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def plan(quick: bool) -> dict[str, Any]:
     """What is measured for each corpus: our worker configurations (concurrency, batch size,
-    analysis) and the batch sizes of the encode sweep."""
+    analysis, padded tokens per batch or None for the default) and the batch sizes of the
+    encode sweep. The first configuration is the one compared with the peers."""
     if quick:
         return {
-            "uploads": {"ours": [(1, 64, "off"), (2, 64, "off")], "sweep": [16, 64]},
-            "bookmarks": {"ours": [(1, 64, "off"), (2, 64, "off")], "sweep": [16, 64, 128]},
+            "uploads": {"ours": [(1, 64, "off", None), (2, 64, "off", None)], "sweep": [16, 64]},
+            "bookmarks": {
+                "ours": [(1, 64, "off", None), (2, 64, "off", None)],
+                "sweep": [16, 64, 128],
+            },
         }
     return {
         "uploads": {
-            "ours": [(1, 64, "off"), (2, 64, "off"), (1, 64, "local")],
+            "ours": [
+                (1, 64, "off", None),
+                (2, 64, "off", None),
+                (1, 64, "off", 4096),
+                (1, 64, "local", None),
+            ],
             "sweep": [16, 64],
         },
         "bookmarks": {
-            "ours": [(1, 64, "off"), (2, 64, "off"), (1, 16, "off"), (1, 256, "off")],
+            "ours": [
+                (1, 64, "off", None),
+                (2, 64, "off", None),
+                (1, 16, "off", None),
+                (1, 256, "off", None),
+            ],
             "sweep": [16, 64, 128, 256],
         },
     }
@@ -275,10 +289,12 @@ def run_kind(
         out["ceiling"]["seconds"].append(r["seconds_by_batch_size"]["32"])
         out["ceiling"]["runs"].append(r)
 
-    def ours(concurrency: int, batch_size: int, analysis: str) -> None:
-        label = f"{kind}-c{concurrency}-b{batch_size}-{analysis}"
+    def ours(concurrency: int, batch_size: int, analysis: str, tokens: int | None) -> None:
+        label = f"{kind}-c{concurrency}-b{batch_size}-{analysis}" + (
+            f"-t{tokens}" if tokens else ""
+        )
         print(f"[{kind}] ours end to end: {label}", flush=True)
-        run = WorkerRun(kind, label, concurrency, batch_size, analysis, texts)
+        run = WorkerRun(kind, label, concurrency, batch_size, analysis, texts, tokens)
         db = f"bench_peers_{kind}"
         out["ours"].append(gate.measure(label, lambda: measure(run, corpus, workdir, db).as_dict()))
 

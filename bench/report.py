@@ -68,9 +68,11 @@ def ours_label(run: dict[str, Any], cores: int) -> str:
     processes = run["concurrency"]
     threads = max(1, cores // processes)
     analysis = "" if run["analysis"] == "off" else f", analysis {run['analysis']}"
+    tokens = f" (≤ {run['max_batch_tokens']} tokens)" if run.get("max_batch_tokens") else ""
     return (
         f"ours: {processes} process{'es' if processes > 1 else ''} x "
-        f"{threads} thread{'s' if threads > 1 else ''}, batch {run['batch_size']}{analysis}"
+        f"{threads} thread{'s' if threads > 1 else ''}, batch {run['batch_size']}{tokens}"
+        f"{analysis}"
     )
 
 
@@ -411,7 +413,11 @@ def chart(figures: dict[str, Any], path: Path) -> None:
         label="model encode",
     )
     runs = sorted(
-        (r for r in kind["ours"] if r["concurrency"] == 1 and r["analysis"] == "off"),
+        (
+            r
+            for r in kind["ours"]
+            if r["concurrency"] == 1 and r["analysis"] == "off" and not r.get("max_batch_tokens")
+        ),
         key=lambda r: r["batch_size"],
     )
     ax.plot(
@@ -432,7 +438,13 @@ def chart(figures: dict[str, Any], path: Path) -> None:
     for kind_name in KINDS:
         kind = figures[kind_name]
         runs = sorted(
-            (r for r in kind["ours"] if r["batch_size"] == 64 and r["analysis"] == "off"),
+            (
+                r
+                for r in kind["ours"]
+                if r["batch_size"] == 64
+                and r["analysis"] == "off"
+                and not r.get("max_batch_tokens")
+            ),
             key=lambda r: r["concurrency"],
         )
         ax.plot(
