@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test bootstrap services-up services-down lint format typecheck check bench clean
+.PHONY: demo test bootstrap services-up services-down lint format typecheck check bench bench-quick bench-env clean
 
 $(BIN)/worker: pyproject.toml scripts/bootstrap
 	VENV=$(VENV) scripts/bootstrap
@@ -37,8 +37,17 @@ typecheck: bootstrap
 
 check: lint typecheck test
 
-bench: bootstrap
+# The side-by-side run against the model's own encode, LangChain, LlamaIndex and a naive
+# pipeline (bench/results.md, bench/results.png); about 15 minutes on 2 cores.
+bench: bench-env
 	$(BIN)/python -m bench
+
+bench-quick: bench-env
+	$(BIN)/python -m bench --quick
+
+# The bench extra in our venv, and the peers' own environment (.venv-peers).
+bench-env: bootstrap
+	VENV=$(VENV) scripts/bootstrap-bench
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache

@@ -1,5 +1,7 @@
-"""A fresh, migrated throw-away database for one benchmark, on the configured server (the
-embedded one unless DATABASE_URL is set)."""
+"""A fresh throw-away database for one benchmark, on the configured server: DATABASE_URL and
+REDIS_URL when set, else the embedded services on PG_PORT and REDIS_PORT (started if need
+be). Never the defaults' ports when the ports say otherwise: on a shared machine those are
+another checkout's servers."""
 
 from __future__ import annotations
 
@@ -8,25 +10,34 @@ import os
 from sqlalchemy import Engine
 
 
+def use_configured_services() -> None:
+    """Without DATABASE_URL, start the embedded PostgreSQL and Redis on this checkout's
+    PG_PORT / REDIS_PORT and point DATABASE_URL and REDIS_URL (unless set) at them, so that
+    this process and every worker it starts talk to those servers."""
+    from worker import services
+    from worker.config import get_settings, load_settings
+
+    if "DATABASE_URL" in os.environ:
+        return
+    settings = load_settings()
+    services.pg_start(settings)
+    if "REDIS_URL" not in os.environ:
+        services.redis_start(settings)
+    for key, value in services.env(settings).items():
+        os.environ.setdefault(key, value)
+    get_settings.cache_clear()
+
+
 def fresh_database(name: str) -> Engine:
     """Drop and recreate ``name``, migrate it to head and make it this process's database
     (DATABASE_URL), so that workers started from here use it too."""
     from worker import services
-    from worker.config import get_settings, load_settings
+    from worker.config import get_settings
     from worker.db import migrate
     from worker.db.engine import get_engine
 
-    settings = load_settings()
-    if "DATABASE_URL" not in os.environ:
-        services.pg_start(settings)
-        services.redis_start(settings)
-        # The servers just started are at PG_PORT / REDIS_PORT: point this process and the
-        # workers it starts there, not at the defaults' ports (someone else's services).
-        for key, value in services.env(settings).items():
-            os.environ.setdefault(key, value)
-        get_settings.cache_clear()
-        settings = load_settings()
-    base = settings.database_url.rsplit("/", 1)[0]
+    use_configured_services()
+    base = get_settings().database_url.rsplit("/", 1)[0]
     admin = base.replace("postgresql+psycopg://", "postgresql://", 1) + "/postgres"
     services.drop_database(admin, name)
     services.ensure_database(admin, name)
@@ -45,3 +56,30 @@ def drop_database(name: str) -> None:
     base = get_settings().database_url.rsplit("/", 1)[0]
     admin = base.replace("postgresql+psycopg://", "postgresql://", 1) + "/postgres"
     services.drop_database(admin, name)
+
+
+def _admin_dsn() -> tuple[str, str]:
+    """(server DSN without the database, the maintenance database's DSN), as libpq takes
+    them."""
+    from worker.config import get_settings
+
+    use_configured_services()
+    base = get_settings().psycopg_dsn.rsplit("/", 1)[0]
+    return base, base + "/postgres"
+
+
+def fresh_plain_database(name: str) -> str:
+    """Drop and recreate ``name`` with only the vector extension (no migrations: for a peer
+    that creates its own tables); returns its libpq DSN."""
+    from worker import services
+
+    base, admin = _admin_dsn()
+    services.drop_database(admin, name)
+    services.ensure_database(admin, name)
+    return f"{base}/{name}"
+
+
+def drop_plain_database(name: str) -> None:
+    from worker import services
+
+    services.drop_database(_admin_dsn()[1], name)
