@@ -157,3 +157,32 @@ def test_build_embedded_rejects_mismatched_vectors() -> None:
     chunks = chunk_document(Document("one. two."), HashEmbedder(), max_tokens=2, overlap_tokens=0)
     with pytest.raises(ValueError):
         build_embedded(chunks, np.zeros((len(chunks) + 1, 4), dtype=np.float32))
+
+
+def test_memory_is_trimmed_only_above_the_limit() -> None:
+    """After a task a child above WORKER_TRIM_ABOVE_MB hands freed heap back; below it (or
+    switched off) the ~8 ms trim is skipped."""
+    from worker.config import get_settings
+    from worker.runtime import resident_mb, trim_memory
+
+    settings = get_settings()
+    here = resident_mb()
+    assert here > 10  # this test process, with numpy loaded
+    above = settings.model_copy(update={"worker_trim_above_mb": 1})
+    below = settings.model_copy(update={"worker_trim_above_mb": int(here) + 10_000})
+    off = settings.model_copy(update={"worker_trim_above_mb": 0})
+    assert trim_memory(above) is True
+    assert trim_memory(below) is False
+    assert trim_memory(off) is False
+    # 125 MiB in heap-sized pieces with small live objects between them, as a forward pass
+    # leaves the heap: freeing the pieces alone gives little back (the small ones pin the
+    # heap's top); the trim returns the free pages inside it.
+    blocks, pins = [], []
+    for _ in range(2000):
+        blocks.append(bytearray(64 * 1024))
+        pins.append(bytearray(100))
+    grown = resident_mb()
+    del blocks
+    trim_memory(above)
+    assert resident_mb() < grown - 50
+    del pins

@@ -223,5 +223,7 @@ def _metrics_task_start(task: Any = None, **_: Any) -> None:
 @signals.task_postrun.connect
 def _metrics_task_end(task: Any = None, **_: Any) -> None:
     from worker import metrics
+    from worker.runtime import trim_memory
 
     metrics.task_finished(getattr(task, "name", "unknown"))
+    trim_memory(get_settings())

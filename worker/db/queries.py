@@ -10,7 +10,28 @@ from typing import Any, Literal
 from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
-from worker.db.models import Bookmark, EmbeddingModel, ImportJob, Item, Upload
+from worker.db.models import Bookmark, EmbeddingModel, ImportJob, Item
+
+# One statement each way (the producer's enqueue is on its request path, and a re-upload
+# of an unchanged folder is mostly this): the live item already registered for the path,
+# locked and queued again; or a new item and its upload row together.
+_REQUEUE_UPLOAD = text(
+    "WITH found AS (SELECT i.id FROM item i JOIN upload u ON u.item_id = i.id "
+    "WHERE u.user_id = :u AND u.file_path = :path AND i.user_id = :u "
+    "AND i.deleted_at IS NULL ORDER BY i.id LIMIT 1 FOR UPDATE OF i), "
+    "requeued AS (UPDATE item SET status = 'queued', attempts = 0, error = NULL, "
+    "updated_at = now() FROM found WHERE item.id = found.id RETURNING item.id), "
+    "touched AS (UPDATE upload SET file_size = :size, original_filename = :original, "
+    "mime_type = :mime, updated_at = now() FROM requeued WHERE upload.item_id = requeued.id) "
+    "SELECT id FROM requeued"
+)
+_NEW_UPLOAD = text(
+    "WITH new_item AS (INSERT INTO item (user_id, kind, status, title) "
+    "VALUES (:u, 'upload', 'queued', :original) RETURNING id), "
+    "new_upload AS (INSERT INTO upload (item_id, user_id, filename, original_filename, "
+    "file_path, file_size, mime_type) SELECT id, :u, :filename, :original, :path, :size, :mime "
+    "FROM new_item) SELECT id FROM new_item"
+)
 
 
 def insert_upload(
@@ -26,44 +47,18 @@ def insert_upload(
     """The item for this user's file: a new one, or the live one already registered for the
     same path, queued again (so re-enqueueing a file never duplicates it; unchanged content
     is then a no-op in the worker)."""
-    existing = session.execute(
-        select(Item)
-        .join(Upload, Upload.item_id == Item.id)
-        .where(
-            Upload.user_id == user_id,
-            Upload.file_path == file_path,
-            Item.user_id == user_id,
-            Item.deleted_at.is_(None),
-        )
-        .with_for_update(of=Item)
-    ).scalar_one_or_none()
+    params = {
+        "u": user_id,
+        "path": file_path,
+        "filename": filename,
+        "original": original_filename,
+        "size": file_size,
+        "mime": mime_type,
+    }
+    existing = session.execute(_REQUEUE_UPLOAD, params).scalar_one_or_none()
     if existing is not None:
-        existing.status = "queued"
-        existing.attempts = 0
-        existing.error = None
-        session.execute(
-            update(Upload)
-            .where(Upload.item_id == existing.id)
-            .values(file_size=file_size, original_filename=original_filename, mime_type=mime_type)
-        )
-        session.flush()
-        return existing.id
-    item = Item(user_id=user_id, kind="upload", status="queued", title=original_filename)
-    session.add(item)
-    session.flush()
-    session.add(
-        Upload(
-            item_id=item.id,
-            user_id=user_id,
-            filename=filename,
-            original_filename=original_filename,
-            file_path=file_path,
-            file_size=file_size,
-            mime_type=mime_type,
-        )
-    )
-    session.flush()
-    return item.id
+        return int(existing)
+    return int(session.execute(_NEW_UPLOAD, params).scalar_one())
 
 
 def insert_import_job(

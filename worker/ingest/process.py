@@ -180,15 +180,16 @@ def _run(
             primary = targets[0]
             analyzer = analyzer_for(settings, primary.embedder)
         provider, analyzer_model = (analyzer.name, analyzer.model) if analyzer else ("none", "none")
-        if store.is_unchanged(
+        unchanged = store.finish_if_unchanged(
             engine,
             claim,
             source.sha256,
             provider=provider,
             model=analyzer_model,
             models=[t.name for t in targets],
-        ):
-            outcome.status = "unchanged" if store.mark_done_unchanged(engine, claim) else "stale"
+        )
+        if unchanged is not None:
+            outcome.status = unchanged
             return outcome
         with watch.stage("parse"):
             doc = parse(
