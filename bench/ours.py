@@ -155,10 +155,16 @@ def _warm_up(kind: str, corpus: Corpus) -> None:
         if set(counts) != {"done"}:
             raise RuntimeError(f"warm-up uploads did not finish: {counts}")
     else:
-        # More than two embedding batches (BOOKMARK_BATCH_SIZE 256), so that with two pool
-        # processes both have loaded the model before the timing starts.
+        # A bulk import of several batches, so that with two pool processes both have
+        # loaded the model before the timing starts. Bulk, not a small (interactive) one:
+        # that would leave the "people are active" marker, and for BULK_RESERVE_SECONDS the
+        # measured import would run with a process held back for nobody.
+        from worker.config import get_settings
+
+        settings = get_settings()
+        size = max(settings.bulk_import_threshold, 4 * settings.bulk_batch_size) + 100
         warm = corpus.upload_root / "warm.html"
-        warm.write_bytes(generate_export(600, seed=1))
+        warm.write_bytes(generate_export(size, seed=1))
         job = client.import_bookmarks("bench-warm", warm)
         progress = client.wait_for_import("bench-warm", job, timeout=600, poll=0.1)
         if progress.status != "done":

@@ -158,11 +158,11 @@ class Settings(BaseSettings):
         "smaller ones are interactive (sent at once).",
     )
     bulk_batch_size: int = Field(
-        64,
+        256,
         ge=1,
         le=10000,
-        description="Bookmarks per embed task of a bulk import (small: interactive work "
-        "waits at most one such batch).",
+        description="Bookmarks per embed task of a bulk import (interactive work waits at "
+        "most one such batch; smaller ones pad more and pay the per-task cost more often).",
     )
     bulk_max_in_flight_per_user: int = Field(
         2, ge=1, description="Bulk batches one user may have queued or running at once."

@@ -184,9 +184,9 @@ def _copy_stage(session: Session, rows: Iterable[StagedBookmark]) -> None:
     session.execute(
         text(
             "CREATE TEMP TABLE bookmark_stage (ord int, canonical_url text, url text, "
-            "title text, domain text, folder_path text[], tags text[], description text, "
+            "title text, domain text, description text, "
             "added_at timestamptz, note text, is_read boolean, is_archived boolean, "
-            "extra jsonb, item_id bigint, folders_raw text, tags_raw text) ON COMMIT DROP"
+            "extra jsonb, folders_raw text, tags_raw text) ON COMMIT DROP"
         )
     )
     raw = psycopg_connection(session.connection())
@@ -221,13 +221,14 @@ def _copy_stage(session: Session, rows: Iterable[StagedBookmark]) -> None:
                 block = []
         if block:
             copy.write("\n".join(block) + "\n")
-    session.execute(
-        text(
-            "UPDATE bookmark_stage SET "
-            "folder_path = CASE WHEN folders_raw = '' THEN '{}' "
-            "ELSE string_to_array(folders_raw, chr(31)) END, "
-            "tags = CASE WHEN tags_raw = '' THEN '{}' ELSE string_to_array(tags_raw, chr(31)) END"
-        )
+
+
+def _split(column: str) -> str:
+    """SQL for a list column of the stage table as text[] (split where it is read: an
+    UPDATE splitting them in place would write every stage row a second time)."""
+    return (
+        f"CASE WHEN s.{column} = '' THEN CAST('{{}}' AS text[]) "
+        f"ELSE string_to_array(s.{column}, chr(31)) END"
     )
 
 
@@ -254,9 +255,9 @@ def stage_import(
     merged = session.execute(
         text(
             "UPDATE bookmark b SET "
-            "tags = ARRAY(SELECT DISTINCT t FROM unnest(b.tags || s.tags) t), "
-            "folder_path = CASE WHEN cardinality(b.folder_path) = 0 THEN s.folder_path "
-            "ELSE b.folder_path END, "
+            f"tags = ARRAY(SELECT DISTINCT t FROM unnest(b.tags || {_split('tags_raw')}) t), "
+            "folder_path = CASE WHEN cardinality(b.folder_path) = 0 THEN "
+            f"{_split('folders_raw')} ELSE b.folder_path END, "
             "description = coalesce(b.description, s.description), "
             "note = coalesce(b.note, s.note), is_read = coalesce(b.is_read, s.is_read), "
             "is_archived = coalesce(b.is_archived, s.is_archived), "
@@ -266,35 +267,31 @@ def stage_import(
         ),
         {"u": user_id},
     ).rowcount  # type: ignore[attr-defined]
-    session.execute(
-        text(
-            "UPDATE bookmark_stage s SET item_id = nextval(pg_get_serial_sequence('item', 'id')) "
-            "WHERE NOT EXISTS (SELECT 1 FROM bookmark b WHERE b.user_id = :u "
-            "AND b.deleted_at IS NULL AND b.canonical_url = s.canonical_url)"
-        ),
-        {"u": user_id},
-    )
-    session.execute(
-        text(
-            "INSERT INTO item (id, user_id, kind, status, title) OVERRIDING SYSTEM VALUE "
-            "SELECT item_id, :u, 'bookmark', 'queued', coalesce(nullif(title, ''), url) "
-            "FROM bookmark_stage WHERE item_id IS NOT NULL ORDER BY ord"
-        ),
-        {"u": user_id},
-    )
-    session.execute(
-        text(
-            "INSERT INTO bookmark (item_id, user_id, url, canonical_url, domain, folder_path, "
-            "tags, description, added_at, note, is_read, is_archived, extra, import_job_id) "
-            "SELECT item_id, :u, url, canonical_url, domain, folder_path, tags, description, "
-            "added_at, note, is_read, is_archived, extra, :job "
-            "FROM bookmark_stage WHERE item_id IS NOT NULL ORDER BY ord"
-        ),
-        {"u": user_id, "job": job_id},
-    )
+    # The new bookmarks, their item ids drawn and both rows inserted in one statement (one
+    # pass over the stage table; the foreign key is checked at the statement's end, when
+    # the items are in). Volatile nextval() in the select list runs after the ORDER BY, so
+    # ids follow the file's order.
     new_ids = list(
         session.execute(
-            text("SELECT item_id FROM bookmark_stage WHERE item_id IS NOT NULL ORDER BY ord")
+            text(
+                "WITH new AS MATERIALIZED (SELECT nextval(pg_get_serial_sequence('item', 'id')) "
+                f"AS item_id, s.ord, s.url, s.canonical_url, s.title, s.domain, "
+                f"{_split('folders_raw')} AS folder_path, {_split('tags_raw')} AS tags, "
+                "s.description, s.added_at, s.note, s.is_read, s.is_archived, s.extra "
+                "FROM bookmark_stage s WHERE NOT EXISTS (SELECT 1 FROM bookmark b "
+                "WHERE b.user_id = :u AND b.deleted_at IS NULL "
+                "AND b.canonical_url = s.canonical_url) ORDER BY s.ord), "
+                "items AS (INSERT INTO item (id, user_id, kind, status, title) "
+                "OVERRIDING SYSTEM VALUE SELECT item_id, :u, 'bookmark', 'queued', "
+                "coalesce(nullif(title, ''), url) FROM new), "
+                "bookmarks AS (INSERT INTO bookmark (item_id, user_id, url, canonical_url, "
+                "domain, folder_path, tags, description, added_at, note, is_read, is_archived, "
+                "extra, import_job_id) SELECT item_id, :u, url, canonical_url, domain, "
+                "folder_path, tags, description, added_at, note, is_read, is_archived, extra, "
+                ":job FROM new) "
+                "SELECT item_id FROM new ORDER BY ord"
+            ),
+            {"u": user_id, "job": job_id},
         ).scalars()
     )
     batches = [new_ids[i : i + batch_size] for i in range(0, len(new_ids), batch_size)]
