@@ -36,13 +36,63 @@ NEVER = re.compile(r"(?!)")
 
 
 def full_path(url: str) -> str:
-    """canonicalize with both fast paths switched off."""
-    saved = canonical._PLAIN_HOST, canonical._PLAIN_COMPONENT
-    canonical._PLAIN_HOST = canonical._PLAIN_COMPONENT = NEVER
+    """canonicalize with every fast path switched off (urlsplit, then w3lib)."""
+    saved = canonical._PLAIN_HOST, canonical._PLAIN_COMPONENT, canonical._SPLIT
+    canonical._PLAIN_HOST = canonical._PLAIN_COMPONENT = canonical._SPLIT = NEVER
     try:
         return canonical.canonicalize(url)
     finally:
-        canonical._PLAIN_HOST, canonical._PLAIN_COMPONENT = saved
+        canonical._PLAIN_HOST, canonical._PLAIN_COMPONENT, canonical._SPLIT = saved
+
+
+def split_by_urlsplit(url: str) -> object:
+    saved = canonical._SPLIT
+    canonical._SPLIT = NEVER
+    try:
+        return canonical._split(url)
+    except ValueError as exc:
+        return type(exc)
+    finally:
+        canonical._SPLIT = saved
+
+
+def split_fast(url: str) -> object:
+    try:
+        return canonical._split(url)
+    except ValueError as exc:
+        return type(exc)
+
+
+# Odd shapes beside the common one: ports out of range or empty, userinfo, IPv6, queries and
+# fragments in either order, a path not starting with "/", C0 characters, no authority.
+ODD = st.sampled_from(
+    [
+        "",
+        ":",
+        ":99999",
+        ":0",
+        ":65535",
+        ":65536",
+        "@host",
+        "/a?b#c?d",
+        "#f?g",
+        "?q#",
+        "?",
+        "#",
+        "x",
+        "\x0b",
+        "/%2F",
+        "/é",
+    ]
+)
+
+
+@settings(max_examples=800, deadline=None)
+@given(url=urls(), tail=ODD, head=st.sampled_from(["", "user:pw@", "[::1]", "mailto:"]))
+def test_the_fast_split_gives_urlsplits_parts(url: str, tail: str, head: str) -> None:
+    scheme, rest = url.split("://", 1)
+    shaped = f"{scheme}://{head}{rest}{tail}" if head != "mailto:" else f"mailto:{rest}{tail}"
+    assert split_fast(shaped) == split_by_urlsplit(shaped)
 
 
 @settings(max_examples=600, deadline=None)
