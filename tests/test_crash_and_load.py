@@ -84,12 +84,18 @@ class Deployment:
         for w in workers:
             w.wait_ready(celery=self.celery)
 
-    def requeue(self, stuck_after: float, routes: dict[str, str] | None = None) -> dict[str, Any]:
+    def requeue(
+        self,
+        stuck_after: float,
+        routes: dict[str, str] | None = None,
+        dispatch_settings: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """What beat does for work that dead workers held: the requeue task, with rows
         stuck for ``stuck_after`` seconds, then the bulk dispatcher's tick (a worker killed
         between finishing a bulk batch and releasing the next leaves nothing in flight and
         nothing stuck: only the tick releases more). ``routes`` sends some tasks to other
-        queues (by task name)."""
+        queues (by task name); ``dispatch_settings`` are the workers' own bulk settings where
+        they differ from this process's (the tick must release what theirs would)."""
         from worker.bookmarks.dispatch import dispatch
         from worker.maintenance.requeue import find_and_requeue
 
@@ -99,7 +105,8 @@ class Deployment:
             self.celery.send_task(task, args=args, queue=(routes or {}).get(task, queue))
 
         result = find_and_requeue(self.engine, settings, send)
-        result["dispatch"] = dispatch(self.engine, settings, send)
+        tick = settings.model_copy(update=dispatch_settings or {})
+        result["dispatch"] = dispatch(self.engine, tick, send)
         return result
 
 
@@ -341,11 +348,13 @@ def _in_flight(
     job: int,
     since: datetime | None = None,
     batch_fresh_s: float | None = None,
+    staging_fresh_s: float | None = None,
 ) -> tuple[int, int, bool]:
     """Uploads and batches claimed (``processing``) since ``since`` (by the workers running
     now, not dead claims of an earlier round awaiting their resent message), and whether
     the import is being staged. ``batch_fresh_s``: count only batches claimed that recently,
-    so that a kill sent now lands well before the batch can finish (one takes ~0.4 s)."""
+    so that a kill sent now lands well before the batch can finish (one takes ~0.4 s);
+    ``staging_fresh_s`` the same for the staging (begun that recently; it takes seconds)."""
     with engine.connect() as conn:
         row = conn.execute(
             text(
@@ -355,13 +364,15 @@ def _in_flight(
                 " AND status = 'processing' AND claimed_at > :since "
                 " AND claimed_at > clock_timestamp() - make_interval(secs => :fresh)) AS batches, "
                 "(SELECT status = 'processing' AND NOT EXISTS (SELECT 1 FROM import_batch b "
-                " WHERE b.import_job_id = :j) FROM import_job WHERE id = :j) AS staging"
+                " WHERE b.import_job_id = :j) AND updated_at > clock_timestamp() "
+                " - make_interval(secs => :stage_fresh) FROM import_job WHERE id = :j) AS staging"
             ),
             {
                 "u": upload_user,
                 "j": job,
                 "since": since or datetime.min.replace(tzinfo=UTC),
                 "fresh": 1e9 if batch_fresh_s is None else batch_fresh_s,
+                "stage_fresh": 1e9 if staging_fresh_s is None else staging_fresh_s,
             },
         ).one()
     return int(row.uploads), int(row.batches), bool(row.staging)
@@ -433,7 +444,8 @@ def test_kill_9_at_random_moments_mid_uploads_and_mid_import(deployment: Deploym
     uploads_worker = deployment.worker("uploads")
     # Batches of 500, one at a time: with the static model a warm process does 64 bookmarks
     # in ~20 ms, too short for a kill sent after seeing a claim to land inside it; 500 take
-    # ~0.15 s. One in flight keeps the import going through every round.
+    # ~0.15 s warm (the first batch of a fresh process ~0.4 s). One in flight keeps the
+    # import going through every round.
     import_worker = deployment.worker(
         "imports",
         queues=",".join(IMPORT_QUEUES.values()),
@@ -458,15 +470,24 @@ def test_kill_9_at_random_moments_mid_uploads_and_mid_import(deployment: Deploym
         producer.start()
         # A round whose batch ended between the look and the kill is a miss: the workers
         # are restarted all the same and another round follows, until KILLS rounds have
-        # killed what they aimed at (the staging, then a bookmark batch) or MAX_ROUNDS.
+        # killed what they aimed at or MAX_ROUNDS. The first round aims at the staging,
+        # which cannot be aimed at again once it is over, so it looks only at a staging
+        # begun within the last second.
         for round_ in range(MAX_ROUNDS):
             if len(kills) >= 1 and sum(k.hit for k in kills) >= KILLS:
                 break
-            time.sleep(rng.uniform(0.1, 1.5))
+            # The staging round looks early: a staging begun within the last second (it
+            # takes seconds for 40,000 bookmarks) is killed well before it commits.
+            time.sleep(rng.uniform(0.0, 0.5) if round_ == 0 else rng.uniform(0.1, 1.5))
 
             def mid_work(staging_round: bool = round_ == 0, since: datetime = since) -> bool:
                 uploads, batches, staging = _in_flight(
-                    deployment.engine, upload_user, job, since, batch_fresh_s=0.05
+                    deployment.engine,
+                    upload_user,
+                    job,
+                    since,
+                    batch_fresh_s=0.05,
+                    staging_fresh_s=1.0,
                 )
                 return uploads > 0 and (staging if staging_round else batches > 0)
 
@@ -495,7 +516,13 @@ def test_kill_9_at_random_moments_mid_uploads_and_mid_import(deployment: Deploym
             since = _db_now(deployment.engine)
             deployment.start(*workers)
             # Rows the dead workers held have not moved since the kill.
-            requeues.append(deployment.requeue(time.monotonic() - killed_at, IMPORT_ROUTES))
+            requeues.append(
+                deployment.requeue(
+                    time.monotonic() - killed_at,
+                    IMPORT_ROUTES,
+                    {"bulk_max_in_flight_per_user": 1, "queue_bulk": IMPORT_QUEUES["QUEUE_BULK"]},
+                )
+            )
         upload_ids = producer.stop()
         wait_for_everything(
             deployment,

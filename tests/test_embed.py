@@ -159,19 +159,31 @@ def test_build_embedded_rejects_mismatched_vectors() -> None:
         build_embedded(chunks, np.zeros((len(chunks) + 1, 4), dtype=np.float32))
 
 
-def test_memory_is_trimmed_only_above_the_limit() -> None:
+def _glibc() -> bool:
+    from worker.runtime import _libc
+
+    return _libc() is not None
+
+
+@pytest.mark.skipif(not _glibc(), reason="malloc_trim is glibc's")
+def test_memory_is_trimmed_only_above_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     """After a task a child above WORKER_TRIM_ABOVE_MB hands freed heap back; below it (or
-    switched off) the ~8 ms trim is skipped."""
+    switched off), or not grown since its last trim, the ~8 ms trim is skipped."""
+    from worker import runtime
     from worker.config import get_settings
     from worker.runtime import resident_mb, trim_memory
 
+    monkeypatch.setattr(runtime, "_after_last_trim_mb", 0.0)
     settings = get_settings()
     here = resident_mb()
     assert here > 10  # this test process, with numpy loaded
     above = settings.model_copy(update={"worker_trim_above_mb": 1})
     below = settings.model_copy(update={"worker_trim_above_mb": int(here) + 10_000})
     off = settings.model_copy(update={"worker_trim_above_mb": 0})
+    monkeypatch.setattr(runtime, "TRIM_REGROWTH_MB", 0)
     assert trim_memory(above) is True
+    monkeypatch.setattr(runtime, "TRIM_REGROWTH_MB", 64)
+    assert trim_memory(above) is False  # not grown since: a steady size above the limit
     assert trim_memory(below) is False
     assert trim_memory(off) is False
     # 125 MiB in heap-sized pieces with small live objects between them, as a forward pass
@@ -183,6 +195,9 @@ def test_memory_is_trimmed_only_above_the_limit() -> None:
         pins.append(bytearray(100))
     grown = resident_mb()
     del blocks
-    trim_memory(above)
+    # As if this were the first trim (the pieces may have reused pages the one above left).
+    monkeypatch.setattr(runtime, "_after_last_trim_mb", 0.0)
+    monkeypatch.setattr(runtime, "TRIM_REGROWTH_MB", 0)
+    assert trim_memory(above) is True
     assert resident_mb() < grown - 50
     del pins

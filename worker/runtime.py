@@ -70,16 +70,30 @@ def resident_mb() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+# Resident memory right after this process's last trim: what the trim could not give back
+# (libraries, model weights, live objects). Trimming again pays only once the process has
+# grown well past it.
+_after_last_trim_mb = 0.0
+TRIM_REGROWTH_MB = 64
+
+
 def trim_memory(settings: Settings) -> bool:
     """After a task: glibc keeps the heap the model's activations grew (a few hundred MiB
     for a batch of long chunks) mapped and resident long after they are freed; hand it back
-    when this process is above WORKER_TRIM_ABOVE_MB. Checked first (cheap) because the trim
-    walks the heap (~8 ms), too dear after every small task."""
+    when this process is above WORKER_TRIM_ABOVE_MB and has grown by TRIM_REGROWTH_MB since
+    its last trim. Both are checked first (cheap) because the trim walks the heap (~8 ms),
+    too dear after every small task, and a process whose steady size is above the limit (a
+    larger model, two models during a backfill) must not pay it each time."""
+    global _after_last_trim_mb
     limit = settings.worker_trim_above_mb
     libc = _libc()
-    if not limit or libc is None or resident_mb() <= limit:
+    if not limit or libc is None:
+        return False
+    now = resident_mb()
+    if now <= max(limit, _after_last_trim_mb + TRIM_REGROWTH_MB):
         return False
     libc.malloc_trim(0)
+    _after_last_trim_mb = resident_mb()
     return True
 
 

@@ -100,7 +100,7 @@ def _union(a: Sequence[str], b: Sequence[str]) -> list[str]:
 # The host of a plain URL, without urlsplit (100,000 calls per large import). The lookahead
 # refuses "user:pass@host", whose first token is not the host.
 _PLAIN_HOST_OF: Final = re.compile(
-    r"^[A-Za-z][A-Za-z0-9+.\-]*://([A-Za-z0-9\-._]+)(?=[/?#]|$|:\d*(?:[/?#]|$))"
+    r"^[A-Za-z][A-Za-z0-9+.\-]*://([A-Za-z0-9\-._]+)(?=[/?#]|$|:[0-9]*(?:[/?#]|$))"
 )
 
 
