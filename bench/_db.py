@@ -6,8 +6,23 @@ another checkout's servers."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
+
+if TYPE_CHECKING:
+    from worker.config import Settings
+
+
+def use_upload_root(root: Path) -> Settings:
+    """Point UPLOAD_ROOT at ``root`` for this process (and the workers it starts, which
+    inherit the environment) and return the Settings read afresh."""
+    from worker.config import get_settings
+
+    os.environ["UPLOAD_ROOT"] = str(root)
+    get_settings.cache_clear()
+    return get_settings()
 
 
 def use_configured_services() -> None:

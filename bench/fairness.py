@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._db import drop_database, fresh_database
+from bench._db import drop_database, fresh_database, use_upload_root
 
 DB_NAME = "bench_fairness"
 OUT = Path(__file__).parent / "out"
@@ -214,16 +214,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["WORKER_CONCURRENCY"] = str(args.concurrency)
     fresh_database(DB_NAME)
     from worker.app import app, configure
-    from worker.config import get_settings
 
     report: dict[str, Any] = {"bookmarks": args.bookmarks, "concurrency": args.concurrency}
     try:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp) / "uploads"
             root.mkdir()
-            os.environ["UPLOAD_ROOT"] = str(root)
-            get_settings.cache_clear()
-            settings = get_settings()
+            settings = use_upload_root(root)
             configure(app, settings)
             report["settings"] = {
                 k: getattr(settings, k)

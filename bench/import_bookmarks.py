@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench._db import drop_database, fresh_database
+from bench._db import drop_database, fresh_database, use_upload_root
 
 DB_NAME = "bench_import"
 WORDS = [
@@ -219,10 +219,7 @@ def measure_end_to_end(
     upload_root = workdir / "uploads"
     upload_root.mkdir(parents=True, exist_ok=True)
     (upload_root / "export.html").write_bytes(data)
-    os.environ["UPLOAD_ROOT"] = str(upload_root)
-    from worker.config import get_settings
-
-    get_settings.cache_clear()
+    use_upload_root(upload_root)
     log_path = workdir / f"worker-{user}.log"
     env = {
         **os.environ,

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench._db import drop_database, fresh_database
+from bench._db import drop_database, fresh_database, use_upload_root
 
 DB_NAME = "bench_uploads"
 KINDS = ("txt", "md", "html", "docx", "pdf", "json", "csv")
@@ -137,15 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["WORKER_CONCURRENCY"] = "1"
     fresh_database(DB_NAME)
     from worker.app import app, configure
-    from worker.config import get_settings
 
     try:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp) / "uploads"
             root.mkdir()
-            os.environ["UPLOAD_ROOT"] = str(root)
-            get_settings.cache_clear()
-            configure(app, get_settings())
+            configure(app, use_upload_root(root))
             paths = write_corpus(root, args.docs)
             stages = in_process_stages(paths, root)
             e2e_on = end_to_end(paths, Path(tmp), analysis="local", concurrency=args.concurrency)

@@ -111,13 +111,11 @@ def _worker_env(run: WorkerRun, corpus: Corpus) -> dict[str, str]:
 
 def measure(run: WorkerRun, corpus: Corpus, workdir: Path, db_name: str) -> WorkerRun:
     """One configuration in its own fresh database and its own worker."""
-    from bench._db import drop_database, fresh_database
-    from worker.config import get_settings
+    from bench._db import drop_database, fresh_database, use_upload_root
     from worker.subprocess_worker import WorkerProcess
 
-    os.environ["UPLOAD_ROOT"] = str(corpus.upload_root)
     fresh_database(db_name)
-    get_settings.cache_clear()
+    use_upload_root(corpus.upload_root)
     worker = WorkerProcess(
         workdir / f"worker-{run.label}.log",
         env=_worker_env(run, corpus),

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import text
+from testsupport import consume, mutate
 
 from worker import client
 from worker.bookmarks.canonical import canonicalize
@@ -403,34 +404,12 @@ def test_every_truncation_point_is_safe(name: str) -> None:
 # --------------------------------------------------------------------------- properties
 
 
-def consume(data: bytes, fmt: str | None) -> None:
-    """Parse to the end: only entries, or BookmarkFormatError, may come out."""
-    try:
-        for entry in iter_bookmarks(io.BytesIO(data), fmt=fmt):
-            assert isinstance(entry, ParsedBookmark | SkippedEntry)
-    except BookmarkFormatError:
-        pass
-
-
 @settings(max_examples=200, deadline=None)
 @given(st.data())
 def test_mutated_tool_exports_never_crash(data: st.DataObject) -> None:
     name = data.draw(st.sampled_from(list(FIXTURES)))
-    raw = bytearray((TOOLS / name).read_bytes())
-    for _ in range(data.draw(st.integers(1, 12))):
-        pos = data.draw(st.integers(0, len(raw) - 1))
-        action = data.draw(st.sampled_from(["delete", "insert", "replace", "truncate"]))
-        if action == "delete":
-            del raw[pos : pos + data.draw(st.integers(1, 40))]
-        elif action == "insert":
-            raw[pos:pos] = data.draw(st.binary(min_size=1, max_size=20))
-        elif action == "replace":
-            raw[pos] = data.draw(st.integers(0, 255))
-        else:
-            del raw[pos:]
-        if not raw:
-            break
-    consume(bytes(raw), data.draw(st.sampled_from([None, FIXTURES[name][0]])))
+    raw = mutate(data, (TOOLS / name).read_bytes())
+    consume(raw, data.draw(st.sampled_from([None, FIXTURES[name][0]])))
 
 
 _JSON = st.recursive(

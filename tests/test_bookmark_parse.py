@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from testsupport import consume, mutate
 
 from worker.bookmarks.parse import (
     FORMATS,
@@ -598,16 +599,6 @@ def test_100k_export_bounded_memory(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- properties
 
 
-def consume(data: bytes, fmt: str | None = None) -> None:
-    """Parse to the end: only entries, or BookmarkFormatError, may come out."""
-    try:
-        iterator = iter_bookmarks(io.BytesIO(data), fmt=fmt)
-        for entry in iterator:
-            assert isinstance(entry, ParsedBookmark | SkippedEntry)
-    except BookmarkFormatError:
-        pass
-
-
 @settings(max_examples=300, deadline=None)
 @given(st.text(max_size=2000), st.sampled_from([None, *FORMATS]))
 def test_random_text_never_crashes(text: str, fmt: str | None) -> None:
@@ -663,21 +654,7 @@ def test_mutated_exports_never_crash(data: st.DataObject) -> None:
     name = data.draw(
         st.sampled_from(["firefox.html", "chrome.html", "pinboard.json", "bookmarks.csv"])
     )
-    raw = bytearray((FIXTURES / name).read_bytes())
-    for _ in range(data.draw(st.integers(1, 12))):
-        pos = data.draw(st.integers(0, len(raw) - 1))
-        action = data.draw(st.sampled_from(["delete", "insert", "replace", "truncate"]))
-        if action == "delete":
-            del raw[pos : pos + data.draw(st.integers(1, 40))]
-        elif action == "insert":
-            raw[pos:pos] = data.draw(st.binary(min_size=1, max_size=20))
-        elif action == "replace":
-            raw[pos] = data.draw(st.integers(0, 255))
-        else:
-            del raw[pos:]
-        if not raw:
-            break
-    consume(bytes(raw))
+    consume(mutate(data, (FIXTURES / name).read_bytes()))
 
 
 def test_netscape_toread_sets_the_read_state() -> None:

@@ -36,6 +36,7 @@ from typing import Any
 import pytest
 from celery import Celery
 from sqlalchemy import Engine, text
+from testsupport import restored_environ
 
 from worker import client
 from worker.app import TASK_EMBED_BOOKMARKS, TASK_IMPORT_BOOKMARKS
@@ -143,31 +144,25 @@ def deployment(
 
     redis.Redis.from_url(redis_url).flushdb()
     overrides = {"DATABASE_URL": db_url, "REDIS_URL": redis_url, "MAX_ATTEMPTS": str(MAX_ATTEMPTS)}
-    saved = {key: os.environ.get(key) for key in overrides}
-    os.environ.update(overrides)
-    get_settings.cache_clear()
-    settings = get_settings()
-    own = get_engine(settings)
-    try:
-        migrate.upgrade("head", settings)
-        added = add_model(own, STATIC, path=str(static_model_dir), send=lambda *_: None)
-        assert backfill.finish_job(own, settings, added["job_id"])["status"] == "done"
-        activate(own, STATIC)
-        retire(own, DEFAULT)
-        workdir = tmp_path_factory.mktemp("deployment")
-        env = {**worker_env, **overrides}
-        celery = create_app(settings)
-        yield Deployment(env, own, celery, workdir, Path(service_urls["UPLOAD_ROOT"]))
-        celery.close()
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with restored_environ(overrides):
+        os.environ.update(overrides)
         get_settings.cache_clear()
-        own.dispose()
-        services.drop_database(admin, name)
+        settings = get_settings()
+        own = get_engine(settings)
+        try:
+            migrate.upgrade("head", settings)
+            added = add_model(own, STATIC, path=str(static_model_dir), send=lambda *_: None)
+            assert backfill.finish_job(own, settings, added["job_id"])["status"] == "done"
+            activate(own, STATIC)
+            retire(own, DEFAULT)
+            workdir = tmp_path_factory.mktemp("deployment")
+            env = {**worker_env, **overrides}
+            celery = create_app(settings)
+            yield Deployment(env, own, celery, workdir, Path(service_urls["UPLOAD_ROOT"]))
+            celery.close()
+        finally:
+            own.dispose()
+            services.drop_database(admin, name)
 
 
 # --- inputs -------------------------------------------------------------------------------

@@ -117,17 +117,23 @@ def _wait_until_one_done(worker: WorkerProcess, user_id: str, ids: list[int]) ->
         time.sleep(0.05)
 
 
+def _prose_files(root: Path, stem: str, seeds: range, *, paragraphs: int) -> list[Path]:
+    """One text file of ``paragraphs`` paragraphs of prose per seed, ``<stem>-<k>.txt``."""
+    paths = []
+    for k, seed in enumerate(seeds):
+        path = root / f"{stem}-{k}.txt"
+        path.write_text(prose(seed, paragraphs))
+        paths.append(path)
+    return paths
+
+
 def test_postgresql_restart_mid_run_then_everything_completes(
     celery_worker, upload_root: Path, user_id: str, service_urls: dict[str, str]
 ) -> None:  # type: ignore[no-untyped-def]
     settings = get_settings()
     if f":{settings.pg_port}/" not in service_urls["DATABASE_URL"]:
         pytest.skip("PostgreSQL is external: this test restarts the embedded one")
-    paths = []
-    for i in range(8):
-        path = upload_root / f"{user_id}-restart-{i}.txt"
-        path.write_text(prose(100 + i, 6))
-        paths.append(path)
+    paths = _prose_files(upload_root, f"{user_id}-restart", range(100, 108), paragraphs=6)
     ids = [client.enqueue_upload(user_id, p) for p in paths]
     _wait_until_one_done(celery_worker, user_id, ids)  # mid-run: the rest still to do
     services.pg_restart(settings)
@@ -358,11 +364,7 @@ def test_redis_killed_mid_run_the_worker_reconnects_and_everything_completes(
     settings = get_settings()
     if f":{settings.redis_port}/" not in service_urls["REDIS_URL"]:
         pytest.skip("Redis is external: this test kills the embedded one")
-    paths = []
-    for i in range(6):
-        path = upload_root / f"{user_id}-redis-{i}.txt"
-        path.write_text(prose(300 + i, 5))
-        paths.append(path)
+    paths = _prose_files(upload_root, f"{user_id}-redis", range(300, 306), paragraphs=5)
     ids = [client.enqueue_upload(user_id, p) for p in paths]
     _wait_until_one_done(celery_worker, user_id, ids)  # mid-run: the rest still queued
     log_before = len(celery_worker.log())

@@ -22,6 +22,7 @@ from typing import Any
 import psycopg
 import pytest
 from sqlalchemy import Engine, text
+from testsupport import restored_environ
 
 from worker import client, search
 from worker.config import get_settings
@@ -312,22 +313,16 @@ def tenant_role(engine: Engine, service_urls: dict[str, str]) -> Iterator[Role]:
 def as_role(tenant_role: Role) -> Iterator[Callable[[bool], None]]:
     """Switch this process's client and search to the role's connection, with
     ROW_LEVEL_SECURITY on or off; everything is put back afterwards."""
-    saved = {k: os.environ.get(k) for k in ("DATABASE_URL", "ROW_LEVEL_SECURITY")}
 
     def switch(rls: bool) -> None:
         os.environ.update(DATABASE_URL=tenant_role.url, ROW_LEVEL_SECURITY=str(rls).lower())
         get_settings.cache_clear()
 
-    try:
-        yield switch
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        get_settings.cache_clear()
-        get_engine(load_role_settings(tenant_role)).dispose()
+    with restored_environ(("DATABASE_URL", "ROW_LEVEL_SECURITY")):
+        try:
+            yield switch
+        finally:
+            get_engine(load_role_settings(tenant_role)).dispose()
 
 
 def load_role_settings(role: Role) -> Any:

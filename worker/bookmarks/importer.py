@@ -223,7 +223,7 @@ def _copy_stage(session: Session, rows: Iterable[StagedBookmark]) -> None:
             copy.write("\n".join(block) + "\n")
 
 
-def _split(column: str) -> str:
+def _list_sql(column: str) -> str:
     """SQL for a list column of the stage table as text[] (split where it is read: an
     UPDATE splitting them in place would write every stage row a second time)."""
     return (
@@ -255,9 +255,9 @@ def stage_import(
     merged = session.execute(
         text(
             "UPDATE bookmark b SET "
-            f"tags = ARRAY(SELECT DISTINCT t FROM unnest(b.tags || {_split('tags_raw')}) t), "
+            f"tags = ARRAY(SELECT DISTINCT t FROM unnest(b.tags || {_list_sql('tags_raw')}) t), "
             "folder_path = CASE WHEN cardinality(b.folder_path) = 0 THEN "
-            f"{_split('folders_raw')} ELSE b.folder_path END, "
+            f"{_list_sql('folders_raw')} ELSE b.folder_path END, "
             "description = coalesce(b.description, s.description), "
             "note = coalesce(b.note, s.note), is_read = coalesce(b.is_read, s.is_read), "
             "is_archived = coalesce(b.is_archived, s.is_archived), "
@@ -276,7 +276,7 @@ def stage_import(
             text(
                 "WITH new AS MATERIALIZED (SELECT nextval(pg_get_serial_sequence('item', 'id')) "
                 f"AS item_id, s.ord, s.url, s.canonical_url, s.title, s.domain, "
-                f"{_split('folders_raw')} AS folder_path, {_split('tags_raw')} AS tags, "
+                f"{_list_sql('folders_raw')} AS folder_path, {_list_sql('tags_raw')} AS tags, "
                 "s.description, s.added_at, s.note, s.is_read, s.is_archived, s.extra "
                 "FROM bookmark_stage s WHERE NOT EXISTS (SELECT 1 FROM bookmark b "
                 "WHERE b.user_id = :u AND b.deleted_at IS NULL "
