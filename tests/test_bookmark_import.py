@@ -13,9 +13,18 @@ import pytest
 from sqlalchemy import text
 
 from worker import client
-from worker.bookmarks.importer import bookmark_text, read_export, stage_import
+from worker.bookmarks.importer import (
+    BackgroundExport,
+    bookmark_text,
+    cut_batches,
+    merge_late,
+    read_export,
+    stage_import,
+    stage_rows,
+)
 from worker.db import queries
 from worker.db.engine import session_scope
+from worker.errors import BookmarkFormatError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "bookmarks"
 
@@ -111,6 +120,140 @@ def test_stage_merges_against_existing_and_is_per_user(db_session, user_id: str)
         {"u": user_id},
     ).scalar_one()
     assert sorted(tags) == ["more", "old"]
+
+
+def _late_duplicates_export() -> bytes:
+    """Duplicates far apart: with blocks of 2, each first copy is staged before its twin is
+    read. One URL the user already has comes twice, early and late."""
+    return netscape(
+        [
+            '<A HREF="https://late.example/a" TAGS="one">A</A>',
+            '<A HREF="https://had.example/" TAGS="early">Had</A>',
+            '<A HREF="https://late.example/b" ADD_DATE="1700000000"></A>',
+            '<A HREF="https://late.example/c">C</A>',
+            '<A HREF="https://late.example/d">D</A>',
+            '<A HREF="https://late.example/a?utm_source=x" TAGS="two">A again</A>',
+            '<A HREF="https://late.example/b#x" ADD_DATE="1600000000" TAGS="b">B title</A>'
+            "\n<DD>description of b",
+            '<A HREF="https://HAD.example" TAGS="late">Had again</A>',
+        ]
+    )
+
+
+def _rows_of(session, user_id: str) -> list[tuple[object, ...]]:  # type: ignore[no-untyped-def]
+    return [
+        tuple(r)
+        for r in session.execute(
+            text(
+                "SELECT b.canonical_url, i.title, b.tags, b.folder_path, b.description, "
+                "b.added_at FROM bookmark b JOIN item i ON i.id = b.item_id "
+                "WHERE b.user_id = :u ORDER BY b.item_id"
+            ),
+            {"u": user_id},
+        )
+    ]
+
+
+def test_block_by_block_staging_equals_staging_the_whole_file(db_session, user_id: str) -> None:  # type: ignore[no-untyped-def]
+    data = _late_duplicates_export()
+    results = {}
+    for mode, user in (("whole", user_id + "-whole"), ("blocks", user_id + "-blocks")):
+        had = queries.insert_import_job(db_session, user_id=user, filename="h", file_size=1)
+        before = netscape(['<A HREF="https://had.example/" TAGS="old">Had</A>'])
+        stage_import(db_session, had, user, read_export(io.BytesIO(before)), batch_size=10)
+        job = queries.insert_import_job(db_session, user_id=user, filename="x", file_size=1)
+        if mode == "whole":
+            summary = stage_import(
+                db_session, job, user, read_export(io.BytesIO(data)), batch_size=2
+            )
+        else:
+            with BackgroundExport(io.BytesIO(data), block_rows=2) as reader:
+                staged = stage_rows(db_session, job, user, reader)
+                export = reader.export
+            assert set(export.late) == {
+                "https://late.example/a",
+                "https://late.example/b",
+                "https://had.example",
+            }
+            merge_late(db_session, job, user, list(export.late.values()))
+            summary = cut_batches(db_session, job, user, export, staged, batch_size=2)
+        results[mode] = (summary, _rows_of(db_session, user))
+    assert results["blocks"] == results["whole"]
+    summary, rows = results["whole"]
+    # three twins in the file, and had.example which the user already had
+    assert summary == {"created": 4, "duplicates": 4, "skipped": 0, "batches": 2, "segment": 0}
+    by_url = {r[0]: r for r in rows}
+    assert sorted(by_url["https://had.example"][2]) == ["early", "late", "old"]  # type: ignore[call-overload]
+    late_b = by_url["https://late.example/b"]
+    assert late_b[1] == "B title" and late_b[2] == ["b"] and late_b[4] == "description of b"
+    assert late_b[5].timestamp() == 1600000000  # type: ignore[union-attr]
+    assert by_url["https://late.example/a"][2] == ["one", "two"]
+
+
+def test_staging_keeps_every_awkward_character_of_a_field(db_session, user_id: str) -> None:  # type: ignore[no-untyped-def]
+    """COPY's text format escapes backslash, tab, newline and carriage return; NUL cannot be
+    stored in text and is dropped; everything else (the list separator too) arrives as is."""
+    awkward = "a\\b\tc\nd\re\x00f\x1fg \\N h\u202eé😀\x0b"
+    stored = awkward.replace("\x00", "")
+    export = read_export(io.BytesIO(netscape(['<A HREF="https://awkward.example/">T</A>'])))
+    bookmark = export.bookmarks["https://awkward.example"]
+    bookmark.title = awkward
+    bookmark.description = awkward
+    bookmark.tags = [awkward, "plain"]
+    bookmark.extra = {"k": awkward}
+    job = queries.insert_import_job(db_session, user_id=user_id, filename="x", file_size=1)
+    stage_import(db_session, job, user_id, export, batch_size=10)
+    row = db_session.execute(
+        text(
+            "SELECT i.title, b.description, b.tags, b.extra FROM bookmark b "
+            "JOIN item i ON i.id = b.item_id WHERE b.user_id = :u"
+        ),
+        {"u": user_id},
+    ).one()
+    # a tag keeps everything but the list separator, which becomes a space
+    assert row == (stored, stored, [stored.replace("\x1f", " "), "plain"], {"k": stored})
+
+
+class _BrokenFile(io.BytesIO):
+    """A file whose read fails part-way (a disk error, a file truncated under us)."""
+
+    def __init__(self, data: bytes, fail_after: int) -> None:
+        super().__init__(data)
+        self.fail_after = fail_after
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.tell() >= self.fail_after:
+            raise OSError("read error (simulated)")
+        return super().read(min(size or 4096, 4096) if size and size > 0 else 4096)
+
+    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def,override]
+        chunk = self.read(len(buffer))
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
+
+
+def test_a_read_error_part_way_is_raised_in_the_staging_thread() -> None:
+    data = generated_export(3000)
+    blocks = 0
+    with (
+        pytest.raises(BookmarkFormatError, match=r"stopped being readable.*simulated"),
+        BackgroundExport(_BrokenFile(data, len(data) // 2), block_rows=100) as reader,
+    ):
+        for _block in reader:
+            blocks += 1
+    assert blocks >= 5  # blocks came before the error, and the error still reached us
+    assert not reader._thread.is_alive()
+
+
+def test_a_staging_error_stops_the_reading_thread() -> None:
+    data = generated_export(3000)
+    with (
+        pytest.raises(RuntimeError, match="database gone"),
+        BackgroundExport(io.BytesIO(data), block_rows=10) as reader,
+    ):
+        for _block in reader:
+            raise RuntimeError("database gone")
+    assert not reader._thread.is_alive()  # it stopped at its next hand-over, not at the end
 
 
 @pytest.mark.integration

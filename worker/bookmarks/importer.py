@@ -11,14 +11,18 @@ transaction, so nothing is counted or embedded twice.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
 import re
+import threading
+import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, BinaryIO, Final
+from typing import Any, BinaryIO, Final, cast
 from urllib.parse import unquote, urlsplit
 
 from sqlalchemy import Engine, text
@@ -69,6 +73,9 @@ class StagedBookmark:
     is_read: bool | None = None
     is_archived: bool | None = None
     extra: dict[str, object] = field(default_factory=dict)
+    # Handed to the staging transaction already: a later duplicate is merged into its row at
+    # the end (ParsedExport.late).
+    sent: bool = False
 
     def merge(self, other: ParsedBookmark) -> None:
         """A duplicate within the file: unite tags and folders, fill what is missing."""
@@ -91,6 +98,9 @@ class ParsedExport:
     entries: int = 0
     duplicates_in_file: int = 0
     skipped: Counter[str] = field(default_factory=Counter)
+    # Bookmarks merged with a duplicate after they were handed on: their rows are rewritten
+    # from the merged state once the file is read.
+    late: dict[str, StagedBookmark] = field(default_factory=dict)
 
 
 def _union(a: Sequence[str], b: Sequence[str]) -> list[str]:
@@ -114,11 +124,27 @@ def domain_of(url: str) -> str | None:
     return host.lower() if host else None
 
 
-def read_export(fp: BinaryIO, *, fmt: str | None = None, filename: str = "") -> ParsedExport:
+# New bookmarks are handed to the staging transaction in blocks of this many while the
+# file is still being read, so that the database inserts one block while the next is parsed.
+STAGE_BLOCK_ROWS: Final = 10_000
+
+BlockSink = Callable[[list[StagedBookmark]], None]
+
+
+def read_export(
+    fp: BinaryIO,
+    *,
+    fmt: str | None = None,
+    filename: str = "",
+    on_block: BlockSink | None = None,
+    block_rows: int = STAGE_BLOCK_ROWS,
+) -> ParsedExport:
     """Stream the export; memory grows with the number of distinct bookmarks, not the size
-    of the file (icons and long lines are dropped by the parser as it goes)."""
+    of the file (icons and long lines are dropped by the parser as it goes). With
+    ``on_block``, each ``block_rows`` new bookmarks are handed to it as they are found."""
     entries = iter_bookmarks(fp, fmt=fmt, filename=filename)
     export = ParsedExport(format=entries.format)
+    pending: list[StagedBookmark] = []
     for entry in entries:
         export.entries += 1
         if isinstance(entry, SkippedEntry):
@@ -133,8 +159,10 @@ def read_export(fp: BinaryIO, *, fmt: str | None = None, filename: str = "") -> 
         if found is not None:
             found.merge(entry)
             export.duplicates_in_file += 1
+            if found.sent:
+                export.late[key] = found
             continue
-        export.bookmarks[key] = StagedBookmark(
+        staged = export.bookmarks[key] = StagedBookmark(
             canonical_url=key,
             url=entry.url.strip(),
             title=entry.title.strip(),
@@ -148,7 +176,108 @@ def read_export(fp: BinaryIO, *, fmt: str | None = None, filename: str = "") -> 
             is_archived=entry.archived,
             extra=dict(entry.extra),
         )
+        if on_block is not None:
+            pending.append(staged)
+            if len(pending) >= block_rows:
+                _hand_on(pending, on_block)
+                pending = []
+    if on_block is not None and pending:
+        _hand_on(pending, on_block)
     return export
+
+
+def _hand_on(block: list[StagedBookmark], on_block: BlockSink) -> None:
+    for b in block:
+        b.sent = True  # before the hand-over: a duplicate found from now on is "late"
+    on_block(block)
+
+
+class _Stopped(Exception):
+    """The staging transaction gave up: the reading thread stops too."""
+
+
+class BackgroundExport:
+    """Read an export in a thread, yielding its new bookmarks block by block: the caller
+    writes one block (the database works in its own process) while the next is parsed.
+    ``export`` holds the counters and ``late`` merges once the blocks are exhausted; an error
+    of the reader (a bad file) is raised by the iteration, in the caller's thread."""
+
+    def __init__(
+        self,
+        fp: BinaryIO,
+        *,
+        fmt: str | None = None,
+        filename: str = "",
+        block_rows: int = STAGE_BLOCK_ROWS,
+    ) -> None:
+        self.block_rows = block_rows
+        self._rows = 0  # handed on so far: the next block's first ord
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=4)  # bounds memory ahead
+        self._stop = threading.Event()
+        self._export: ParsedExport | None = None
+        self.parse_seconds = 0.0
+        self._thread = threading.Thread(
+            target=self._read, args=(fp, fmt, filename), name="export-reader", daemon=True
+        )
+
+    def _put(self, obj: object) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(obj, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+        raise _Stopped
+
+    def _read(self, fp: BinaryIO, fmt: str | None, filename: str) -> None:
+        start = time.perf_counter()
+        try:
+            export = read_export(
+                fp, fmt=fmt, filename=filename, on_block=self._hand, block_rows=self.block_rows
+            )
+        except _Stopped:
+            return
+        except BaseException as exc:  # handed to the caller's thread, raised there
+            export_or_error: object = _ReadFailed(exc)
+        else:
+            export_or_error = export
+        self.parse_seconds = time.perf_counter() - start
+        with contextlib.suppress(_Stopped):
+            self._put(export_or_error)
+
+    def __enter__(self) -> BackgroundExport:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _hand(self, bookmarks: list[StagedBookmark]) -> None:
+        block = stage_block(bookmarks, self._rows)
+        self._rows += block.rows
+        self._put(block)
+
+    def __iter__(self) -> Iterator[StageBlock]:
+        while True:
+            obj = self._queue.get()
+            if isinstance(obj, _ReadFailed):
+                raise obj.error
+            if isinstance(obj, ParsedExport):
+                self._export = obj
+                return
+            yield cast(StageBlock, obj)
+
+    @property
+    def export(self) -> ParsedExport:
+        if self._export is None:
+            raise RuntimeError("the export is known once its blocks are exhausted")
+        return self._export
+
+
+@dataclass(frozen=True)
+class _ReadFailed:
+    error: BaseException
 
 
 # --- stage -------------------------------------------------------------------------------
@@ -165,22 +294,29 @@ _COPY_ESCAPES: Final = str.maketrans(
 # Folder and tag lists travel as one text field split in SQL: psycopg adapting a Python list
 # per row was a third of the staging time for a 100,000-bookmark import.
 _LIST_SEP: Final = "\x1f"
-_COPY_BLOCK_ROWS: Final = 2000
+
+
+def _copy_escaped(value: str) -> str:
+    # Most fields need no escape: two scans in C are far cheaper than translate's per-character
+    # table lookups (which were two thirds of formatting a block).
+    if value.isprintable() and "\\" not in value:
+        return value
+    return value.translate(_COPY_ESCAPES)
 
 
 def _copy_field(value: str | None) -> str:
-    return "\\N" if value is None else value.translate(_COPY_ESCAPES)
+    return "\\N" if value is None else _copy_escaped(value)
 
 
 def _copy_list(values: Sequence[str]) -> str:
-    return _LIST_SEP.join(v.replace(_LIST_SEP, " ") for v in values).translate(_COPY_ESCAPES)
+    return _copy_escaped(_LIST_SEP.join(v.replace(_LIST_SEP, " ") for v in values))
 
 
 def _copy_bool(value: bool | None) -> str:
     return "\\N" if value is None else ("t" if value else "f")
 
 
-def _copy_stage(session: Session, rows: Iterable[StagedBookmark]) -> None:
+def _create_stage(session: Session) -> None:
     session.execute(
         text(
             "CREATE TEMP TABLE bookmark_stage (ord int, canonical_url text, url text, "
@@ -189,38 +325,50 @@ def _copy_stage(session: Session, rows: Iterable[StagedBookmark]) -> None:
             "extra jsonb, folders_raw text, tags_raw text) ON COMMIT DROP"
         )
     )
+
+
+@dataclass(frozen=True)
+class StageBlock:
+    """New bookmarks as COPY text for the stage table, rows numbered (``ord``) in the file's
+    order: formatted where they are parsed, so the staging thread only sends them."""
+
+    rows: int
+    copy_text: str
+
+
+def stage_block(bookmarks: Sequence[StagedBookmark], first_ord: int = 0) -> StageBlock:
+    # COPY's text format written by hand: no per-row adaptation.
+    lines = [
+        "\t".join(
+            (
+                str(ord_),
+                _copy_field(b.canonical_url),
+                _copy_field(b.url),
+                _copy_field(b.title),
+                _copy_field(b.domain),
+                _copy_list(b.folder_path),
+                _copy_list(b.tags),
+                _copy_field(b.description or None),
+                "\\N" if b.added_at is None else b.added_at.isoformat(),
+                _copy_field(b.note or None),
+                _copy_bool(b.is_read),
+                _copy_bool(b.is_archived),
+                _copy_field(_json(_without_nul(b.extra))) if b.extra else "{}",
+            )
+        )
+        for ord_, b in enumerate(bookmarks, start=first_ord)
+    ]
+    lines.append("")
+    return StageBlock(len(bookmarks), "\n".join(lines))
+
+
+def _copy_block(session: Session, block: StageBlock) -> None:
     raw = psycopg_connection(session.connection())
-    # COPY's text format written by hand in blocks: no per-row adaptation.
     with (
         raw.cursor() as cur,
         cur.copy(f"COPY bookmark_stage ({_STAGE_COLUMNS}) FROM STDIN") as copy,
     ):
-        block: list[str] = []
-        for ord_, b in enumerate(rows):
-            block.append(
-                "\t".join(
-                    (
-                        str(ord_),
-                        _copy_field(b.canonical_url),
-                        _copy_field(b.url),
-                        _copy_field(b.title),
-                        _copy_field(b.domain),
-                        _copy_list(b.folder_path),
-                        _copy_list(b.tags),
-                        _copy_field(b.description or None),
-                        "\\N" if b.added_at is None else b.added_at.isoformat(),
-                        _copy_field(b.note or None),
-                        _copy_bool(b.is_read),
-                        _copy_bool(b.is_archived),
-                        _copy_field(_json(_without_nul(b.extra))),
-                    )
-                )
-            )
-            if len(block) >= _COPY_BLOCK_ROWS:
-                copy.write("\n".join(block) + "\n")
-                block = []
-        if block:
-            copy.write("\n".join(block) + "\n")
+        copy.write(block.copy_text)
 
 
 def _list_sql(column: str) -> str:
@@ -232,68 +380,123 @@ def _list_sql(column: str) -> str:
     )
 
 
-def stage_import(
-    session: Session,
-    job_id: int,
-    user_id: str,
-    export: ParsedExport,
-    *,
-    batch_size: int,
-    segment_min_rows: int | None = None,
-) -> dict[str, int]:
-    """In the caller's transaction: merge duplicates into the user's live bookmarks, insert
-    the new items + bookmarks, and cut their ids into embedding batches. With at least
-    ``segment_min_rows`` new bookmarks the job gets an embedding partition of its own
-    (worker.bookmarks.segments)."""
+# A bookmark of the file that the user already has (live, from an earlier import or upload):
+# tags and descriptions are united into the existing row rather than a second one made.
+_MERGE_INTO_LIVE: Final = (
+    "UPDATE bookmark b SET "
+    f"tags = ARRAY(SELECT DISTINCT t FROM unnest(b.tags || {_list_sql('tags_raw')}) t), "
+    "folder_path = CASE WHEN cardinality(b.folder_path) = 0 THEN "
+    f"{_list_sql('folders_raw')} ELSE b.folder_path END, "
+    "description = coalesce(b.description, s.description), "
+    "note = coalesce(b.note, s.note), is_read = coalesce(b.is_read, s.is_read), "
+    "is_archived = coalesce(b.is_archived, s.is_archived), "
+    "extra = s.extra || b.extra, updated_at = now() "
+    "FROM bookmark_stage s WHERE b.user_id = :u AND b.deleted_at IS NULL "
+    "AND b.canonical_url = s.canonical_url AND b.import_job_id IS DISTINCT FROM :job"
+)
+
+# The new bookmarks, their item ids drawn and both rows inserted in one statement (one pass
+# over the stage table; the foreign key is checked at the statement's end, when the items are
+# in). Volatile nextval() in the select list runs after the ORDER BY, so ids follow the
+# file's order.
+_INSERT_NEW: Final = (
+    "WITH new AS MATERIALIZED (SELECT nextval(pg_get_serial_sequence('item', 'id')) "
+    f"AS item_id, s.ord, s.url, s.canonical_url, s.title, s.domain, "
+    f"{_list_sql('folders_raw')} AS folder_path, {_list_sql('tags_raw')} AS tags, "
+    "s.description, s.added_at, s.note, s.is_read, s.is_archived, s.extra "
+    "FROM bookmark_stage s WHERE NOT EXISTS (SELECT 1 FROM bookmark b "
+    "WHERE b.user_id = :u AND b.deleted_at IS NULL "
+    "AND b.canonical_url = s.canonical_url) ORDER BY s.ord), "
+    "items AS (INSERT INTO item (id, user_id, kind, status, title) "
+    "OVERRIDING SYSTEM VALUE SELECT item_id, :u, 'bookmark', 'queued', "
+    "coalesce(nullif(title, ''), url) FROM new), "
+    "bookmarks AS (INSERT INTO bookmark (item_id, user_id, url, canonical_url, "
+    "domain, folder_path, tags, description, added_at, note, is_read, is_archived, "
+    "extra, import_job_id) SELECT item_id, :u, url, canonical_url, domain, "
+    "folder_path, tags, description, added_at, note, is_read, is_archived, extra, "
+    ":job FROM new) "
+    "SELECT item_id FROM new ORDER BY ord"
+)
+
+# A bookmark this job inserted from an earlier block, merged since with a later duplicate:
+# its row takes the merged state whole, as if the duplicate had come before the insert.
+_REWRITE_LATE: Final = (
+    "WITH changed AS (UPDATE bookmark b SET "
+    f"folder_path = {_list_sql('folders_raw')}, tags = {_list_sql('tags_raw')}, "
+    "description = s.description, added_at = s.added_at, note = s.note, "
+    "is_read = s.is_read, is_archived = s.is_archived, extra = s.extra, updated_at = now() "
+    "FROM bookmark_stage s WHERE b.user_id = :u AND b.import_job_id = :job "
+    "AND b.deleted_at IS NULL AND b.canonical_url = s.canonical_url "
+    "RETURNING b.item_id, coalesce(nullif(s.title, ''), s.url) AS title) "
+    "UPDATE item i SET title = c.title FROM changed c "
+    "WHERE i.id = c.item_id AND i.user_id = :u AND i.title IS DISTINCT FROM c.title"
+)
+
+
+@dataclass
+class StagedRows:
+    new_ids: list[int] = field(default_factory=list)  # in the file's order
+    merged: int = 0  # bookmarks of the file the user already had
+
+
+def stage_rows(
+    session: Session, job_id: int, user_id: str, blocks: Iterable[StageBlock]
+) -> StagedRows:
+    """In the caller's transaction, block by block as they come: merge the bookmarks the
+    user already has into their rows, insert the new items + bookmarks."""
     # One import per user at a time through this section: two concurrent imports of the same
     # URL would otherwise both see it as new and one would hit the unique index.
     session.execute(
         text("SELECT pg_advisory_xact_lock(hashtextextended('bookmarks:' || :u, 0))"),
         {"u": user_id},
     )
-    _copy_stage(session, export.bookmarks.values())
-    merged = session.execute(
-        text(
-            "UPDATE bookmark b SET "
-            f"tags = ARRAY(SELECT DISTINCT t FROM unnest(b.tags || {_list_sql('tags_raw')}) t), "
-            "folder_path = CASE WHEN cardinality(b.folder_path) = 0 THEN "
-            f"{_list_sql('folders_raw')} ELSE b.folder_path END, "
-            "description = coalesce(b.description, s.description), "
-            "note = coalesce(b.note, s.note), is_read = coalesce(b.is_read, s.is_read), "
-            "is_archived = coalesce(b.is_archived, s.is_archived), "
-            "extra = s.extra || b.extra, updated_at = now() "
-            "FROM bookmark_stage s WHERE b.user_id = :u AND b.deleted_at IS NULL "
-            "AND b.canonical_url = s.canonical_url"
-        ),
-        {"u": user_id},
-    ).rowcount  # type: ignore[attr-defined]
-    # The new bookmarks, their item ids drawn and both rows inserted in one statement (one
-    # pass over the stage table; the foreign key is checked at the statement's end, when
-    # the items are in). Volatile nextval() in the select list runs after the ORDER BY, so
-    # ids follow the file's order.
-    new_ids = list(
-        session.execute(
-            text(
-                "WITH new AS MATERIALIZED (SELECT nextval(pg_get_serial_sequence('item', 'id')) "
-                f"AS item_id, s.ord, s.url, s.canonical_url, s.title, s.domain, "
-                f"{_list_sql('folders_raw')} AS folder_path, {_list_sql('tags_raw')} AS tags, "
-                "s.description, s.added_at, s.note, s.is_read, s.is_archived, s.extra "
-                "FROM bookmark_stage s WHERE NOT EXISTS (SELECT 1 FROM bookmark b "
-                "WHERE b.user_id = :u AND b.deleted_at IS NULL "
-                "AND b.canonical_url = s.canonical_url) ORDER BY s.ord), "
-                "items AS (INSERT INTO item (id, user_id, kind, status, title) "
-                "OVERRIDING SYSTEM VALUE SELECT item_id, :u, 'bookmark', 'queued', "
-                "coalesce(nullif(title, ''), url) FROM new), "
-                "bookmarks AS (INSERT INTO bookmark (item_id, user_id, url, canonical_url, "
-                "domain, folder_path, tags, description, added_at, note, is_read, is_archived, "
-                "extra, import_job_id) SELECT item_id, :u, url, canonical_url, domain, "
-                "folder_path, tags, description, added_at, note, is_read, is_archived, extra, "
-                ":job FROM new) "
-                "SELECT item_id FROM new ORDER BY ord"
-            ),
-            {"u": user_id, "job": job_id},
-        ).scalars()
-    )
+    _create_stage(session)
+    params = {"u": user_id, "job": job_id}
+    # A first import has nothing to merge into: skip a join per block (the lock above keeps
+    # other imports of this user out until commit).
+    had_bookmarks = session.execute(
+        text("SELECT EXISTS (SELECT 1 FROM bookmark WHERE user_id = :u AND deleted_at IS NULL)"),
+        params,
+    ).scalar_one()
+    staged = StagedRows()
+    for block in blocks:
+        _copy_block(session, block)
+        if had_bookmarks:
+            staged.merged += session.execute(text(_MERGE_INTO_LIVE), params).rowcount  # type: ignore[attr-defined]
+        staged.new_ids += session.execute(text(_INSERT_NEW), params).scalars()
+        session.execute(text("TRUNCATE bookmark_stage"))
+    return staged
+
+
+def merge_late(
+    session: Session, job_id: int, user_id: str, late: Collection[StagedBookmark]
+) -> None:
+    """After ``stage_rows``: write the merged state of bookmarks whose duplicate came after
+    they were staged (rows of this job are rewritten; rows the user already had are merged
+    again, which unites nothing twice)."""
+    if not late:
+        return
+    _copy_block(session, stage_block(list(late)))
+    params = {"u": user_id, "job": job_id}
+    session.execute(text(_REWRITE_LATE), params)
+    session.execute(text(_MERGE_INTO_LIVE), params)
+    session.execute(text("TRUNCATE bookmark_stage"))
+
+
+def cut_batches(
+    session: Session,
+    job_id: int,
+    user_id: str,
+    export: ParsedExport,
+    staged: StagedRows,
+    *,
+    batch_size: int,
+    segment_min_rows: int | None = None,
+) -> dict[str, int]:
+    """Cut the new ids into embedding batches and record the job's counters. With at least
+    ``segment_min_rows`` new bookmarks the job gets an embedding partition of its own
+    (worker.bookmarks.segments)."""
+    new_ids = staged.new_ids
     batches = [new_ids[i : i + batch_size] for i in range(0, len(new_ids), batch_size)]
     segment = 0
     if segment_min_rows is not None and len(new_ids) >= segment_min_rows:
@@ -312,7 +515,7 @@ def stage_import(
     # ON COMMIT DROP covers the usual case; dropping now lets a caller stage twice in one
     # transaction.
     session.execute(text("DROP TABLE bookmark_stage"))
-    duplicates = export.duplicates_in_file + merged
+    duplicates = export.duplicates_in_file + staged.merged
     skipped = sum(export.skipped.values())
     finished = not batches
     session.execute(
@@ -343,6 +546,30 @@ def stage_import(
         "batches": len(batches),
         "segment": segment,
     }
+
+
+def stage_import(
+    session: Session,
+    job_id: int,
+    user_id: str,
+    export: ParsedExport,
+    *,
+    batch_size: int,
+    segment_min_rows: int | None = None,
+) -> dict[str, int]:
+    """Stage an export read whole beforehand, in the caller's transaction."""
+    blocks = [stage_block(list(export.bookmarks.values()))] if export.bookmarks else []
+    staged = stage_rows(session, job_id, user_id, blocks)
+    merge_late(session, job_id, user_id, list(export.late.values()))
+    return cut_batches(
+        session,
+        job_id,
+        user_id,
+        export,
+        staged,
+        batch_size=batch_size,
+        segment_min_rows=segment_min_rows,
+    )
 
 
 def _without_nul(value: Any) -> Any:
@@ -426,32 +653,43 @@ def run_import(engine: Engine, settings: Settings, job_id: int) -> list[int]:
     bind_context(user_id=claim.user_id)  # the task's retry/failure lines name the user too
     with log_context(user_id=claim.user_id, import_job_id=job_id):
         if not claim.staged:
-            _parse_and_stage(engine, settings, claim)
+            parse_and_stage(engine, settings, claim)
         return pending_batches(engine, job_id)
 
 
-def _parse_and_stage(engine: Engine, settings: Settings, claim: JobClaim) -> None:
+def parse_and_stage(engine: Engine, settings: Settings, claim: JobClaim) -> None:
     watch = Stopwatch()
     try:
-        with watch.stage("parse"), open_export(settings, claim.filename) as fp:
-            export = read_export(fp, fmt=claim.fmt, filename=claim.filename)
+        # The file is read in a thread while this one stages what it has found so far, all
+        # in one transaction: a bad file or a crash leaves nothing staged.
+        with (
+            watch.stage("stage"),
+            open_export(settings, claim.filename) as fp,
+            BackgroundExport(fp, fmt=claim.fmt, filename=claim.filename) as reader,
+            session_scope(engine) as s,
+        ):
+            staged = stage_rows(s, claim.job_id, claim.user_id, reader)
+            export = reader.export
+            merge_late(s, claim.job_id, claim.user_id, list(export.late.values()))
+            # The lane (interactive or bulk) decides the batch size and whether the batches
+            # wait for the dispatcher; it raises ImportCancelled for a job cancelled while
+            # parsing (the transaction then rolls back).
+            lane = dispatch.begin_staging(s, settings, claim.job_id, len(export.bookmarks))
+            summary = cut_batches(
+                s,
+                claim.job_id,
+                claim.user_id,
+                export,
+                staged,
+                batch_size=dispatch.batch_size(settings, lane),
+                segment_min_rows=settings.bulk_segment_min_bookmarks or None,
+            )
+            dispatch.finish_staging(s, claim.job_id, lane)
     except PermanentError as exc:  # format, source, empty file
         fail_job(engine, claim.job_id, str(exc))
         _job_line(claim.job_id, "failed", watch, {}, error=str(exc))
         return
-    with watch.stage("write"), session_scope(engine) as s:
-        # The lane (interactive or bulk) decides the batch size and whether the batches wait
-        # for the dispatcher; it raises ImportCancelled for a job cancelled while parsing.
-        lane = dispatch.begin_staging(s, settings, claim.job_id, len(export.bookmarks))
-        summary = stage_import(
-            s,
-            claim.job_id,
-            claim.user_id,
-            export,
-            batch_size=dispatch.batch_size(settings, lane),
-            segment_min_rows=settings.bulk_segment_min_bookmarks or None,
-        )
-        dispatch.finish_staging(s, claim.job_id, lane)
+    watch.ms["parse"] = round(reader.parse_seconds * 1000, 2)
     _job_line(claim.job_id, "staged", watch, summary)
     metrics.bookmarks({"duplicate": summary["duplicates"], "skipped": summary["skipped"]})
 
