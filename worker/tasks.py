@@ -219,16 +219,21 @@ def embed_bookmark_batch(self: Task, batch_id: int) -> dict[str, Any]:
     if result.get("job_finished"):
         if result.get("segment"):
             # Its partition has no vector index yet: build it in bulk now (it is searched
-            # exactly meanwhile). Index upkeep catches a lost message.
+            # exactly meanwhile), then ANALYZE. Index upkeep catches a lost message.
             send_after_commit(TASK_INDEX_SEGMENT, settings.queue_maintenance, result["job_id"])
-        # Fresh statistics for the planner right after a bulk load.
-        send_after_commit(
-            TASK_MAINT_VACUUM,
-            settings.queue_maintenance,
-            analyze_only=["item", "bookmark", "embedding"],
-        )
+        else:
+            _analyze_after_import(settings)
     _release_bulk(engine, settings)
     return result
+
+
+def _analyze_after_import(settings: Any) -> None:
+    """Fresh statistics for the planner right after a bulk load."""
+    send_after_commit(
+        TASK_MAINT_VACUUM,
+        settings.queue_maintenance,
+        analyze_only=["item", "bookmark", "embedding"],
+    )
 
 
 # A bulk HNSW build of a million-row segment runs well past the per-item limits; cutting it
@@ -256,12 +261,16 @@ def index_import_segment(self: Task, job_id: int) -> dict[str, Any]:
         log.warning("segment of import job %s left to index upkeep: %s", job_id, message)
 
     with log_context(import_job_id=job_id, task_id=self.request.id):
-        return run_guarded(
+        result = run_guarded(
             self,
             f"segment index of import job {job_id}",
             lambda: index_segment(engine, job_id),
             leave_to_upkeep,
         )
+    # After the build, not beside it: on a small machine the two would share the cores and
+    # the segment would wait longer for its index.
+    _analyze_after_import(get_settings())
+    return result
 
 
 def _release_bulk(engine: Any, settings: Any) -> None:
