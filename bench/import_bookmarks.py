@@ -121,21 +121,10 @@ def bookmark_texts(data: bytes) -> list[str]:
 
 
 def measure_encode(texts: list[str]) -> float:
-    """The ceiling: one process encoding with every core, the faster of the model's own
-    ``SentenceTransformer.encode`` (batch 64) and our embedder's token-budget batches."""
-    import torch
-
+    from bench._ceiling import encode_seconds
     from worker.runtime import default_embedder
 
-    embedder = default_embedder()
-    embedder.encode(texts[:64])  # load and warm up outside the timing
-    torch.set_num_threads(os.cpu_count() or 1)
-    start = time.perf_counter()
-    embedder.model.encode(texts, batch_size=64, normalize_embeddings=True)
-    raw = time.perf_counter() - start
-    start = time.perf_counter()
-    embedder.encode(texts)
-    return min(raw, time.perf_counter() - start)
+    return encode_seconds(default_embedder(), texts)
 
 
 def add_background(rows: int, dimensions: int = 384, seed: int = 3) -> None:

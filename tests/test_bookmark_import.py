@@ -4,6 +4,7 @@ worker and real Redis, including re-import and a worker killed mid-import."""
 from __future__ import annotations
 
 import io
+import itertools
 import shutil
 import signal
 import time
@@ -212,6 +213,36 @@ def test_staging_keeps_every_awkward_character_of_a_field(db_session, user_id: s
     ).one()
     # a tag keeps everything but the list separator, which becomes a space
     assert row == (stored, stored, [stored.replace("\x1f", " "), "plain"], {"k": stored})
+
+
+def test_batches_hold_bookmarks_of_about_one_length(db_session, user_id: str) -> None:  # type: ignore[no-untyped-def]
+    """Batches are cut by the length of the embedded text (less padding per model call),
+    and together they hold every new bookmark exactly once."""
+    entries = [
+        f'<A HREF="https://len.example/{i}">{"word " * ((i * 7) % 23 + 1)}</A>' for i in range(40)
+    ]
+    export = read_export(io.BytesIO(netscape(entries)))
+    job = queries.insert_import_job(db_session, user_id=user_id, filename="x", file_size=1)
+    summary = stage_import(db_session, job, user_id, export, batch_size=8)
+    batches = (
+        db_session.execute(
+            text("SELECT item_ids FROM import_batch WHERE import_job_id = :j ORDER BY seq"),
+            {"j": job},
+        )
+        .scalars()
+        .all()
+    )
+    assert summary["batches"] == len(batches) == 5
+    ids = [i for batch in batches for i in batch]
+    assert len(ids) == len(set(ids)) == 40
+    titles = dict(
+        db_session.execute(
+            text("SELECT id, length(title) FROM item WHERE id = ANY(:ids)"), {"ids": ids}
+        ).all()
+    )
+    lengths = [[titles[i] for i in batch] for batch in batches]
+    for shorter, longer in itertools.pairwise(lengths):
+        assert max(shorter) <= min(longer)
 
 
 class _BrokenFile(io.BytesIO):

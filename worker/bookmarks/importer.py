@@ -433,6 +433,14 @@ _REWRITE_LATE: Final = (
 )
 
 
+# About the length of ``bookmark_text`` for a row, in characters: what a batch is sorted by.
+_EMBEDDED_LENGTH: Final = (
+    "length(coalesce(i.title, '')) + length(coalesce(b.description, '')) "
+    "+ length(coalesce(b.note, '')) + length(array_to_string(b.tags, ', ')) "
+    "+ length(array_to_string(b.folder_path, ' / ')) + length(b.url)"
+)
+
+
 @dataclass
 class StagedRows:
     new_ids: list[int] = field(default_factory=list)  # in the file's order
@@ -502,15 +510,20 @@ def cut_batches(
     if segment_min_rows is not None and len(new_ids) >= segment_min_rows:
         segment = create_segment(session, job_id)
     if new_ids:
-        # One statement for every batch: seq n holds ids [n*size, (n+1)*size) in order.
+        # One statement for every batch. The new bookmarks are cut in order of the length of
+        # the text embedded for them, so that each batch holds texts of about one length:
+        # the model computes padding like real tokens, and batches cut in file order made
+        # the same import 7.5 % slower to embed (bench/import_bookmarks.py).
         session.execute(
             text(
                 "INSERT INTO import_batch (import_job_id, user_id, seq, item_ids) "
-                "SELECT :job, :u, (o - 1) / :size, array_agg(id ORDER BY o) "
-                "FROM unnest(CAST(:ids AS bigint[])) WITH ORDINALITY AS t(id, o) "
+                "SELECT :job, :u, (o - 1) / :size, array_agg(item_id ORDER BY o) FROM "
+                f"(SELECT b.item_id, row_number() OVER (ORDER BY {_EMBEDDED_LENGTH}, b.item_id) "
+                "AS o FROM bookmark b JOIN item i ON i.id = b.item_id "
+                "WHERE b.import_job_id = :job AND b.user_id = :u) t "
                 "GROUP BY (o - 1) / :size ORDER BY 3"
             ),
-            {"job": job_id, "u": user_id, "size": batch_size, "ids": new_ids},
+            {"job": job_id, "u": user_id, "size": batch_size},
         )
     # ON COMMIT DROP covers the usual case; dropping now lets a caller stage twice in one
     # transaction.
