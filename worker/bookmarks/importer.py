@@ -404,9 +404,7 @@ _INSERT_NEW: Final = (
     f"AS item_id, s.ord, s.url, s.canonical_url, s.title, s.domain, "
     f"{_list_sql('folders_raw')} AS folder_path, {_list_sql('tags_raw')} AS tags, "
     "s.description, s.added_at, s.note, s.is_read, s.is_archived, s.extra "
-    "FROM bookmark_stage s WHERE NOT EXISTS (SELECT 1 FROM bookmark b "
-    "WHERE b.user_id = :u AND b.deleted_at IS NULL "
-    "AND b.canonical_url = s.canonical_url) ORDER BY s.ord), "
+    "FROM bookmark_stage s {only_new} ORDER BY s.ord), "
     "items AS (INSERT INTO item (id, user_id, kind, status, title) "
     "OVERRIDING SYSTEM VALUE SELECT item_id, :u, 'bookmark', 'queued', "
     "coalesce(nullif(title, ''), url) FROM new), "
@@ -416,6 +414,10 @@ _INSERT_NEW: Final = (
     "folder_path, tags, description, added_at, note, is_read, is_archived, extra, "
     ":job FROM new) "
     "SELECT item_id FROM new ORDER BY ord"
+)
+_NOT_LIVE: Final = (
+    "WHERE NOT EXISTS (SELECT 1 FROM bookmark b WHERE b.user_id = :u "
+    "AND b.deleted_at IS NULL AND b.canonical_url = s.canonical_url)"
 )
 
 # A bookmark this job inserted from an earlier block, merged since with a later duplicate:
@@ -466,12 +468,15 @@ def stage_rows(
         text("SELECT EXISTS (SELECT 1 FROM bookmark WHERE user_id = :u AND deleted_at IS NULL)"),
         params,
     ).scalar_one()
+    # Without earlier bookmarks every row is new: the file's own duplicates were merged as it
+    # was read, so no block holds a URL that an earlier block inserted.
+    insert_new = text(_INSERT_NEW.replace("{only_new}", _NOT_LIVE if had_bookmarks else ""))
     staged = StagedRows()
     for block in blocks:
         _copy_block(session, block)
         if had_bookmarks:
             staged.merged += session.execute(text(_MERGE_INTO_LIVE), params).rowcount  # type: ignore[attr-defined]
-        staged.new_ids += session.execute(text(_INSERT_NEW), params).scalars()
+        staged.new_ids += session.execute(insert_new, params).scalars()
         session.execute(text("TRUNCATE bookmark_stage"))
     return staged
 
