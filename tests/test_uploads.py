@@ -147,6 +147,45 @@ def test_mixed_folder_processes_once_and_rerun_adds_nothing(
     assert {i: counts(i) for i in ids.values()} == before
 
 
+def test_an_unchanged_reupload_is_a_no_op_until_the_analyzer_changes(
+    upload_root: Path, user_id: str
+) -> None:
+    """In-process, so each attempt's outcome can be read: an unchanged file is marked done
+    from what its claim read (no parse, no model); another analyzer analyses it again."""
+    from worker.config import get_settings
+    from worker.ingest.process import process_upload
+
+    path = write(upload_root, f"{user_id}/same.txt", PROSE)
+    rel = str(path.relative_to(upload_root))
+
+    def register() -> int:  # what the client does, without sending a message
+        with session_scope() as s:
+            return queries.insert_upload(
+                s,
+                user_id=user_id,
+                file_path=rel,
+                filename="same.txt",
+                original_filename=None,
+                file_size=None,
+                mime_type=None,
+            )
+
+    settings = get_settings().model_copy(
+        update={"analysis_provider": "off", "upload_root": upload_root}
+    )
+    item_id = register()
+    assert process_upload(item_id, settings=settings).status == "done"
+    before = counts(item_id)
+    assert register() == item_id
+    assert process_upload(item_id, settings=settings).status == "unchanged"
+    assert counts(item_id) == before
+    assert register() == item_id
+    local = settings.model_copy(update={"analysis_provider": "local"})
+    assert process_upload(item_id, settings=local).status == "done"
+    assert counts(item_id)[0] == before[0] + 1  # a second analysis version
+    assert client.item_status(user_id, item_id)["status"] == "done"  # type: ignore[index]
+
+
 def test_changed_content_gives_new_version_and_replaces_vectors(
     celery_worker, upload_root: Path, user_id: str
 ) -> None:  # type: ignore[no-untyped-def]

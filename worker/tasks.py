@@ -143,7 +143,10 @@ def run_guarded(
     return {"status": "failed", "error": message}
 
 
-@app.task(name=TASK_PROCESS_UPLOAD, bind=True)
+# The work tasks keep no result and no STARTED state in Redis: their truth is the item, batch
+# and job rows (what producers poll), and the two result writes were a third of the time of
+# an unchanged re-upload's task. Health and upkeep tasks keep theirs: callers wait on them.
+@app.task(name=TASK_PROCESS_UPLOAD, bind=True, ignore_result=True)
 def process_upload(self: Task, item_id: int) -> dict[str, Any]:
     """Parse, chunk, analyse, embed and store one uploaded file."""
     from worker.bookmarks.dispatch import note_interactive
@@ -164,7 +167,7 @@ def process_upload(self: Task, item_id: int) -> dict[str, Any]:
         )
 
 
-@app.task(name=TASK_IMPORT_BOOKMARKS, bind=True)
+@app.task(name=TASK_IMPORT_BOOKMARKS, bind=True, ignore_result=True)
 def import_bookmarks(self: Task, job_id: int) -> dict[str, Any]:
     """Parse, deduplicate and stage a bookmark export, then fan out its embedding batches."""
     from worker.bookmarks import dispatch, importer
@@ -196,7 +199,7 @@ def import_bookmarks(self: Task, job_id: int) -> dict[str, Any]:
         )
 
 
-@app.task(name=TASK_EMBED_BOOKMARKS, bind=True)
+@app.task(name=TASK_EMBED_BOOKMARKS, bind=True, ignore_result=True)
 def embed_bookmark_batch(self: Task, batch_id: int) -> dict[str, Any]:
     """Embed one batch of an import and advance its job."""
     from worker.bookmarks import importer
@@ -288,7 +291,7 @@ def _send(task: str, args: list[Any], queue: str) -> None:
     app.send_task(task, args=args, queue=queue)
 
 
-@app.task(name=TASK_DISPATCH_BULK)
+@app.task(name=TASK_DISPATCH_BULK, ignore_result=True)
 def dispatch_bulk() -> dict[str, Any]:
     """Beat's tick: release bulk batches that a lost release or a closed EMBED_WINDOW left
     waiting in the database."""
@@ -368,7 +371,7 @@ def _send_backfill_finish(job_id: int) -> None:
     send_after_commit(TASK_BACKFILL_FINISH, get_settings().queue_maintenance, job_id)
 
 
-@app.task(name=TASK_BACKFILL_BATCH, bind=True)
+@app.task(name=TASK_BACKFILL_BATCH, bind=True, ignore_result=True)
 def backfill_batch(self: Task, batch_id: int) -> dict[str, Any]:
     """Re-embed one staged batch of items with a backfilling model; the job's last batch
     sends the finish step (sweep, index build, recall)."""

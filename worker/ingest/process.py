@@ -4,6 +4,7 @@ analyse → write. Plain functions; ``worker.tasks`` maps their errors to retry 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,29 +61,33 @@ class ModelTarget:
     embedder: Embedder
 
 
-def model_targets(engine: Engine, settings: Settings) -> list[ModelTarget]:
+def model_targets(
+    engine: Engine, settings: Settings, rows: Sequence[store.ModelRow] | None = None
+) -> list[ModelTarget]:
     """Every model new items are embedded with (active or backfilling, never retired), the
     serving model first: its tokenizer cuts the chunks and its vectors feed the analysis, so
-    what search reads was made the way search encodes the query."""
+    what search reads was made the way search encodes the query. ``rows``: the models as a
+    claim already read them; None reads them here."""
     from worker.runtime import embedder_for_model
 
-    with session_scope(engine) as s:
-        rows = [
-            (m.name, m.dimensions, m.path, m.package, m.serving)
-            for m in embedding_models(s, ("active", "backfilling"))
-        ]
-    rows.sort(key=lambda r: (not r[4], r[0] != settings.model_name))
+    if rows is None:
+        with session_scope(engine) as s:
+            rows = [
+                store.ModelRow(m.name, m.dimensions, m.path, m.package, m.serving)
+                for m in embedding_models(s, ("active", "backfilling"))
+            ]
+    rows = sorted(rows, key=lambda r: (not r.serving, r.name != settings.model_name))
     targets = []
-    for name, dims, path, package, serving in rows:
+    for r in rows:
         try:
-            embedder = embedder_for_model(name, path, package)
+            embedder = embedder_for_model(r.name, r.path, r.package)
         except ValueError as exc:  # its files or package are gone from this machine
-            if serving:
-                raise PermanentError(f"the serving model {name} cannot be loaded: {exc}") from exc
+            if r.serving:
+                raise PermanentError(f"the serving model {r.name} cannot be loaded: {exc}") from exc
             # The backfill's completeness check finds the items this leaves out.
-            log.warning("model %s cannot be loaded (%s); skipped", name, exc)
+            log.warning("model %s cannot be loaded (%s); skipped", r.name, exc)
             continue
-        targets.append(ModelTarget(name, dims, embedder))
+        targets.append(ModelTarget(r.name, r.dimensions, embedder))
     if not targets:
         raise PermanentError("no active embedding model: run `worker models list`")
     return targets
@@ -176,7 +181,7 @@ def _run(
                 upload_root=settings.upload_root,
                 max_bytes=settings.max_upload_bytes,
             )
-            targets = model_targets(engine, settings)
+            targets = model_targets(engine, settings, claim.models)
             primary = targets[0]
             analyzer = analyzer_for(settings, primary.embedder)
         provider, analyzer_model = (analyzer.name, analyzer.model) if analyzer else ("none", "none")

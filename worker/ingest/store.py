@@ -44,6 +44,27 @@ EMBEDDING_TYPES = [
 
 
 @dataclass(frozen=True)
+class ModelRow:
+    """A model new items are embedded with (active or backfilling), as the claim read it."""
+
+    name: str
+    dimensions: int
+    path: str | None
+    package: str | None
+    serving: bool
+
+
+@dataclass(frozen=True)
+class LastResult:
+    """What the item's last processing left: enough to tell an unchanged re-upload."""
+
+    provider: str
+    model: str
+    content_sha256: str | None
+    models: frozenset[str]  # models that have vectors for the item
+
+
+@dataclass(frozen=True)
 class Claim:
     item_id: int
     user_id: str
@@ -51,6 +72,27 @@ class Claim:
     claimed_at: datetime  # with ``attempt``, identifies this claim even if attempts reset
     file_path: str
     content_sha256: str | None
+    # Read in the claim's transaction, so that the pipeline (and above all an unchanged
+    # re-upload, which needs nothing else) does not open one more for each.
+    models: tuple[ModelRow, ...] = ()
+    last: LastResult | None = None
+
+
+_CLAIM_SELECT = (
+    "SELECT i.user_id, i.status, i.attempts, i.deleted_at, i.content_sha256, u.file_path, "
+    "(SELECT json_agg(json_build_object('name', m.name, 'dimensions', m.dimensions, "
+    "'path', m.path, 'package', m.package, 'serving', m.serving) ORDER BY m.id) "
+    "FROM embedding_model m WHERE m.state IN ('active', 'backfilling')) AS models, "
+    # Only an item processed before can be unchanged (an untaken CASE branch runs nothing).
+    "CASE WHEN i.content_sha256 IS NOT NULL THEN (SELECT json_build_object("
+    "'provider', a.provider, 'model', a.model, 'sha', a.content_sha256, "
+    "'models', ARRAY(SELECT DISTINCT e.model FROM embedding e "
+    "WHERE e.item_id = i.id AND e.user_id = i.user_id)) "
+    "FROM analysis a WHERE a.item_id = i.id AND a.user_id = i.user_id "
+    "ORDER BY a.version DESC LIMIT 1) END AS last "
+    "FROM item i JOIN upload u ON u.item_id = i.id "
+    "WHERE i.id = :id AND i.kind = 'upload' FOR UPDATE OF i"
+)
 
 
 @dataclass(frozen=True)
@@ -65,14 +107,7 @@ class ClaimResult:
 
 def claim_upload(engine: Engine, item_id: int, *, max_attempts: int) -> ClaimResult:
     with session_scope(engine) as s:
-        row = s.execute(
-            text(
-                "SELECT i.user_id, i.status, i.attempts, i.deleted_at, i.content_sha256, "
-                "u.file_path FROM item i JOIN upload u ON u.item_id = i.id "
-                "WHERE i.id = :id AND i.kind = 'upload' FOR UPDATE OF i"
-            ),
-            {"id": item_id},
-        ).first()
+        row = s.execute(text(_CLAIM_SELECT), {"id": item_id}).first()
         if row is None:
             return ClaimResult(None, "missing")
         if row.deleted_at is not None or row.status not in ("queued", "processing"):
@@ -94,8 +129,22 @@ def claim_upload(engine: Engine, item_id: int, *, max_attempts: int) -> ClaimRes
             ),
             {"id": item_id},
         ).one()
+        last = row.last
         return ClaimResult(
-            Claim(item_id, row.user_id, attempt, claimed_at, row.file_path, row.content_sha256)
+            Claim(
+                item_id,
+                row.user_id,
+                attempt,
+                claimed_at,
+                row.file_path,
+                row.content_sha256,
+                models=tuple(ModelRow(**m) for m in row.models or ()),
+                last=LastResult(
+                    last["provider"], last["model"], last["sha"], frozenset(last["models"])
+                )
+                if last
+                else None,
+            )
         )
 
 
@@ -156,29 +205,19 @@ def finish_if_unchanged(
     engine: Engine, claim: Claim, sha256: str, *, provider: str, model: str, models: Sequence[str]
 ) -> str | None:
     """Same bytes, same analyzer, vectors present for every model: nothing to recompute, so
-    the item is marked done here, in the same transaction as the check (a re-upload of an
-    unchanged folder is mostly this). Returns "unchanged", "stale" (the claim was taken over
-    meanwhile) or None: the content must be processed."""
-    if claim.content_sha256 != sha256:
+    the item is marked done (a re-upload of an unchanged folder is mostly this). What the
+    last processing left was read with the claim, and the claim is checked again under the
+    row lock here. Returns "unchanged", "stale" (the claim was taken over meanwhile) or
+    None: the content must be processed."""
+    last = claim.last
+    if (
+        claim.content_sha256 != sha256
+        or last is None
+        or (last.provider, last.model, last.content_sha256) != (provider, model, sha256)
+        or not set(models) <= last.models
+    ):
         return None
     with session_scope(engine) as s:
-        row = s.execute(
-            text(
-                "SELECT a.provider, a.model, a.content_sha256, ARRAY(SELECT DISTINCT e.model "
-                "FROM embedding e WHERE e.item_id = :id AND e.user_id = :u) AS have "
-                "FROM analysis a WHERE a.item_id = :id AND a.user_id = :u "
-                "ORDER BY a.version DESC LIMIT 1"
-            ),
-            {"id": claim.item_id, "u": claim.user_id},
-        ).first()
-        if row is None or (row.provider, row.model, row.content_sha256) != (
-            provider,
-            model,
-            sha256,
-        ):
-            return None
-        if not set(models) <= set(row.have):
-            return None
         if not _lock_if_claimed(s, claim):
             return "stale"
         s.execute(
