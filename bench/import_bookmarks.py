@@ -14,6 +14,7 @@ import argparse
 import io
 import os
 import random
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -287,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, default=10_000)
     parser.add_argument("--stage-rows", type=int, default=100_000)
+    parser.add_argument("--stage-repeats", type=int, default=3)
     parser.add_argument(
         "--background", type=int, default=50_000, help="another tenant's vectors, indexed"
     )
@@ -313,35 +315,47 @@ def main(argv: list[str] | None = None) -> int:
         data = generate_export(args.rows, seed=11)
         texts = bookmark_texts(data)
         with tempfile.TemporaryDirectory() as tmp:
-            stage_s, entries = measure_staging(big, "bench-stage", Path(tmp))
+            # Each a first import of its own user; the machine is shared, so the median.
+            stagings = [
+                measure_staging(big, f"bench-stage-{i}", Path(tmp))
+                for i in range(args.stage_repeats)
+            ]
             if args.background:
                 add_background(args.background)
-            encode_s = measure_encode(texts)
+            # The ceiling before and after the runs (their mean): drift on a shared machine
+            # then weighs on both sides alike.
+            encode_before = measure_encode(texts)
             runs["segment"] = measure_end_to_end(data, Path(tmp), segment_min=1, user="bench-seg")
             runs["live index"] = measure_end_to_end(
                 data, Path(tmp), segment_min=0, user="bench-live"
             )
+            encode_after = measure_encode(texts)
     finally:
         drop_database(DB_NAME)
-    stage_rate = entries / stage_s
+    entries = stagings[0][1]
+    rates = sorted(entries / seconds for seconds, _ in stagings)
+    print(
+        f"(a) parse+canonicalise+dedupe+stage of {entries:,} bookmarks, {len(rates)} runs: "
+        f"median {statistics.median(rates):,.0f}/s (runs: "
+        f"{', '.join(f'{r:,.0f}' for r in rates)}; target >= 20,000/s)"
+    )
+    encode_s = (encode_before + encode_after) / 2
     encode_rate = len(texts) / encode_s
     print(
-        f"(a) parse+canonicalise+dedupe+stage: {entries} bookmarks in {stage_s:.2f}s "
-        f"= {stage_rate:,.0f}/s (target >= 20,000/s)"
-    )
-    print(
         f"(b) model encode on the same texts: {len(texts)} in {encode_s:.2f}s "
-        f"= {encode_rate:,.1f}/s"
+        f"(before {encode_before:.2f}s, after {encode_after:.2f}s) = {encode_rate:,.1f}/s"
     )
     print(f"(c) end to end through a real worker, {args.background:,} other vectors indexed:")
     for label, r in runs.items():
         total = float(r["total_s"])
         write_share = (float(r["write_s"]) + float(r["index_s"])) / total
+        searchable = len(texts) / float(r["done_s"]) / encode_rate
+        indexed = len(texts) / total / encode_rate
         print(
             f"    {label:10s}: {r['status']}, {r['created']} created; searchable after "
-            f"{float(r['done_s']):.1f}s, indexed after {total:.1f}s; "
-            f"ratio to encode {len(texts) / total / encode_rate:.3f} (target >= 0.85); "
-            f"write path (writes + bulk index) {write_share:.1%} of end to end "
+            f"{float(r['done_s']):.1f}s, indexed after {total:.1f}s; ratio to encode "
+            f"{searchable:.3f} until searchable, {indexed:.3f} until indexed (target >= "
+            f"0.85); write path (writes + bulk index) {write_share:.1%} of end to end "
             f"(target < 10%)"
         )
     return 0

@@ -100,10 +100,10 @@ class Settings(BaseSettings):
     )
     embed_batch_size: int = Field(64, ge=1, le=4096, description="Texts per encode batch.")
     embed_max_batch_tokens: int = Field(
-        4096,
+        2048,
         ge=64,
-        description="Padded tokens per batch (the forward pass's memory grows with it; "
-        "encode speed is flat from 2048 up).",
+        description="Padded tokens per batch (the forward pass's memory grows with it: a "
+        "process peaks ~60 MiB lower than at 4096; encode speed is flat from 1024 up).",
     )
     torch_threads: int | None = Field(
         None, ge=1, description="torch threads per worker process; default cores / concurrency."
