@@ -14,7 +14,9 @@ import pytest
 from sqlalchemy import text
 
 from worker import client
+from worker.bookmarks.dispatch import ImportCancelled
 from worker.bookmarks.importer import (
+    AlreadyStaged,
     BackgroundExport,
     bookmark_text,
     cut_batches,
@@ -125,18 +127,21 @@ def test_stage_merges_against_existing_and_is_per_user(db_session, user_id: str)
 
 def _late_duplicates_export() -> bytes:
     """Duplicates far apart: with blocks of 2, each first copy is staged before its twin is
-    read. One URL the user already has comes twice, early and late."""
+    read. One URL the user already has (in no folder) comes twice, early in folder A and
+    late in folder B."""
     return netscape(
         [
             '<A HREF="https://late.example/a" TAGS="one">A</A>',
-            '<A HREF="https://had.example/" TAGS="early">Had</A>',
+            '<H3>A</H3>\n<DL><p>\n<DT><A HREF="https://had.example/" TAGS="early">Had</A>'
+            "\n</DL><p>",
             '<A HREF="https://late.example/b" ADD_DATE="1700000000"></A>',
             '<A HREF="https://late.example/c">C</A>',
             '<A HREF="https://late.example/d">D</A>',
             '<A HREF="https://late.example/a?utm_source=x" TAGS="two">A again</A>',
             '<A HREF="https://late.example/b#x" ADD_DATE="1600000000" TAGS="b">B title</A>'
             "\n<DD>description of b",
-            '<A HREF="https://HAD.example" TAGS="late">Had again</A>',
+            '<H3>B</H3>\n<DL><p>\n<DT><A HREF="https://HAD.example" TAGS="late">Had again</A>'
+            "\n</DL><p>",
         ]
     )
 
@@ -176,7 +181,7 @@ def test_block_by_block_staging_equals_staging_the_whole_file(db_session, user_i
                 "https://late.example/b",
                 "https://had.example",
             }
-            merge_late(db_session, job, user, list(export.late.values()))
+            staged.merged = merge_late(db_session, job, user, list(export.late.values()))
             summary = cut_batches(db_session, job, user, export, staged, batch_size=2)
         results[mode] = (summary, _rows_of(db_session, user))
     assert results["blocks"] == results["whole"]
@@ -184,7 +189,9 @@ def test_block_by_block_staging_equals_staging_the_whole_file(db_session, user_i
     # three twins in the file, and had.example which the user already had
     assert summary == {"created": 4, "duplicates": 4, "skipped": 0, "batches": 2, "segment": 0}
     by_url = {r[0]: r for r in rows}
-    assert sorted(by_url["https://had.example"][2]) == ["early", "late", "old"]  # type: ignore[call-overload]
+    had = by_url["https://had.example"]
+    assert sorted(had[2]) == ["early", "late", "old"]  # type: ignore[call-overload]
+    assert had[3] == ["A", "B"]  # the folders of both copies fill the row that had none
     late_b = by_url["https://late.example/b"]
     assert late_b[1] == "B title" and late_b[2] == ["b"] and late_b[4] == "description of b"
     assert late_b[5].timestamp() == 1600000000  # type: ignore[union-attr]
@@ -243,6 +250,22 @@ def test_batches_hold_bookmarks_of_about_one_length(db_session, user_id: str) ->
     lengths = [[titles[i] for i in batch] for batch in batches]
     for shorter, longer in itertools.pairwise(lengths):
         assert max(shorter) <= min(longer)
+
+
+def test_staging_stops_at_a_cancel_and_never_stages_a_job_twice(db_session, user_id: str) -> None:  # type: ignore[no-untyped-def]
+    data = generated_export(300)
+    job = queries.insert_import_job(db_session, user_id=user_id, filename="x", file_size=1)
+    db_session.execute(text("UPDATE import_job SET status = 'cancelled' WHERE id = :j"), {"j": job})
+    with (
+        pytest.raises(ImportCancelled),
+        BackgroundExport(io.BytesIO(data), block_rows=100) as reader,
+    ):
+        stage_rows(db_session, job, user_id, reader)
+    db_session.rollback()
+    job = queries.insert_import_job(db_session, user_id=user_id, filename="y", file_size=1)
+    stage_import(db_session, job, user_id, read_export(io.BytesIO(data)), batch_size=100)
+    with pytest.raises(AlreadyStaged):  # a second delivery of the job task, after the first
+        stage_rows(db_session, job, user_id, [])
 
 
 class _BrokenFile(io.BytesIO):

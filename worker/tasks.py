@@ -223,7 +223,10 @@ def embed_bookmark_batch(self: Task, batch_id: int) -> dict[str, Any]:
         if result.get("segment"):
             # Its partition has no vector index yet: build it in bulk now (it is searched
             # exactly meanwhile), then ANALYZE. Index upkeep catches a lost message.
-            send_after_commit(TASK_INDEX_SEGMENT, settings.queue_maintenance, result["job_id"])
+            if not send_after_commit(
+                TASK_INDEX_SEGMENT, settings.queue_maintenance, result["job_id"]
+            ):
+                _analyze_after_import(settings)  # upkeep builds the index, and analyzes nothing
         else:
             _analyze_after_import(settings)
     _release_bulk(engine, settings)

@@ -87,7 +87,11 @@ def _lock(conn: Connection, job_id: int, user_id: str | None) -> _Job | None:
     row = conn.execute(
         text(
             "SELECT user_id, status, lane, EXISTS (SELECT 1 FROM import_batch b "
-            "WHERE b.import_job_id = j.id) AS staged FROM import_job j WHERE id = :id FOR UPDATE"
+            "WHERE b.import_job_id = j.id) AS staged FROM import_job j WHERE id = :id "
+            # Not FOR UPDATE: a staging transaction holds the job row KEY SHARE (the foreign
+            # key of every bookmark it inserts) for as long as the file is read, and a pause
+            # or cancel must not wait for that. The staging sees a cancel between blocks.
+            "FOR NO KEY UPDATE"
         ),
         {"id": job_id},
     ).one()

@@ -43,7 +43,7 @@ from worker.bookmarks.segments import create_segment
 from worker.config import Settings
 from worker.db import queries
 from worker.db.engine import session_scope
-from worker.errors import PermanentError
+from worker.errors import PermanentError, WorkerError
 from worker.ingest.chunk import chunk_document
 from worker.ingest.sources import open_source
 from worker.ingest.store import copy_embeddings, psycopg_connection, writable_models
@@ -129,6 +129,11 @@ def domain_of(url: str) -> str | None:
 STAGE_BLOCK_ROWS: Final = 10_000
 
 BlockSink = Callable[[list[StagedBookmark]], None]
+_STOP_CHECK_EVERY: Final = 512
+
+
+class _Stopped(Exception):
+    """The staging transaction gave up: the reading thread stops too."""
 
 
 def read_export(
@@ -138,15 +143,19 @@ def read_export(
     filename: str = "",
     on_block: BlockSink | None = None,
     block_rows: int = STAGE_BLOCK_ROWS,
+    should_stop: Callable[[], bool] | None = None,
 ) -> ParsedExport:
     """Stream the export; memory grows with the number of distinct bookmarks, not the size
     of the file (icons and long lines are dropped by the parser as it goes). With
-    ``on_block``, each ``block_rows`` new bookmarks are handed to it as they are found."""
+    ``on_block``, each ``block_rows`` new bookmarks are handed to it as they are found;
+    ``should_stop`` is asked every few hundred entries (raising _Stopped when it says so)."""
     entries = iter_bookmarks(fp, fmt=fmt, filename=filename)
     export = ParsedExport(format=entries.format)
     pending: list[StagedBookmark] = []
     for entry in entries:
         export.entries += 1
+        if should_stop is not None and export.entries % _STOP_CHECK_EVERY == 0 and should_stop():
+            raise _Stopped
         if isinstance(entry, SkippedEntry):
             export.skipped[entry.reason] += 1
             continue
@@ -192,10 +201,6 @@ def _hand_on(block: list[StagedBookmark], on_block: BlockSink) -> None:
     on_block(block)
 
 
-class _Stopped(Exception):
-    """The staging transaction gave up: the reading thread stops too."""
-
-
 class BackgroundExport:
     """Read an export in a thread, yielding its new bookmarks block by block: the caller
     writes one block (the database works in its own process) while the next is parsed.
@@ -233,7 +238,12 @@ class BackgroundExport:
         start = time.perf_counter()
         try:
             export = read_export(
-                fp, fmt=fmt, filename=filename, on_block=self._hand, block_rows=self.block_rows
+                fp,
+                fmt=fmt,
+                filename=filename,
+                on_block=self._hand,
+                block_rows=self.block_rows,
+                should_stop=self._stop.is_set,
             )
         except _Stopped:
             return
@@ -317,14 +327,18 @@ def _copy_bool(value: bool | None) -> str:
 
 
 def _create_stage(session: Session) -> None:
-    session.execute(
-        text(
-            "CREATE TEMP TABLE bookmark_stage (ord int, canonical_url text, url text, "
-            "title text, domain text, description text, "
-            "added_at timestamptz, note text, is_read boolean, is_archived boolean, "
-            "extra jsonb, folders_raw text, tags_raw text) ON COMMIT DROP"
+    """``bookmark_stage`` takes each block; ``bookmark_live_stage`` keeps, until the whole
+    file is read, the bookmarks the user already had (merged into their rows once, at the
+    end, so that a duplicate later in the file counts as if it had come first)."""
+    for table in ("bookmark_stage", "bookmark_live_stage"):
+        session.execute(
+            text(
+                f"CREATE TEMP TABLE {table} (ord int, canonical_url text, url text, "
+                "title text, domain text, description text, "
+                "added_at timestamptz, note text, is_read boolean, is_archived boolean, "
+                "extra jsonb, folders_raw text, tags_raw text) ON COMMIT DROP"
+            )
         )
-    )
 
 
 @dataclass(frozen=True)
@@ -391,8 +405,22 @@ _MERGE_INTO_LIVE: Final = (
     "note = coalesce(b.note, s.note), is_read = coalesce(b.is_read, s.is_read), "
     "is_archived = coalesce(b.is_archived, s.is_archived), "
     "extra = s.extra || b.extra, updated_at = now() "
-    "FROM bookmark_stage s WHERE b.user_id = :u AND b.deleted_at IS NULL "
+    "FROM bookmark_live_stage s WHERE b.user_id = :u AND b.deleted_at IS NULL "
     "AND b.canonical_url = s.canonical_url AND b.import_job_id IS DISTINCT FROM :job"
+)
+_SET_ASIDE_LIVE: Final = (
+    "INSERT INTO bookmark_live_stage SELECT * FROM bookmark_stage s WHERE EXISTS "
+    "(SELECT 1 FROM bookmark b WHERE b.user_id = :u AND b.deleted_at IS NULL "
+    "AND b.canonical_url = s.canonical_url)"
+)
+# A late duplicate of a bookmark the user already had: its set-aside row takes the merged
+# state before the one merge into the user's row.
+_UPDATE_LIVE_STAGE: Final = (
+    "UPDATE bookmark_live_stage l SET url = s.url, title = s.title, "
+    "description = s.description, added_at = s.added_at, note = s.note, "
+    "is_read = s.is_read, is_archived = s.is_archived, extra = s.extra, "
+    "folders_raw = s.folders_raw, tags_raw = s.tags_raw "
+    "FROM bookmark_stage s WHERE l.canonical_url = s.canonical_url"
 )
 
 # The new bookmarks, their item ids drawn and both rows inserted in one statement (one pass
@@ -449,19 +477,28 @@ class StagedRows:
     merged: int = 0  # bookmarks of the file the user already had
 
 
+class AlreadyStaged(WorkerError):
+    """Another delivery of the job task staged it while this one waited: stage nothing."""
+
+
 def stage_rows(
     session: Session, job_id: int, user_id: str, blocks: Iterable[StageBlock]
 ) -> StagedRows:
-    """In the caller's transaction, block by block as they come: merge the bookmarks the
-    user already has into their rows, insert the new items + bookmarks."""
+    """In the caller's transaction, block by block as they come: insert the new items +
+    bookmarks, and set aside the bookmarks the user already has (``merge_late`` merges
+    them). Raises AlreadyStaged, or ImportCancelled when the job is cancelled meanwhile."""
     # One import per user at a time through this section: two concurrent imports of the same
     # URL would otherwise both see it as new and one would hit the unique index.
     session.execute(
         text("SELECT pg_advisory_xact_lock(hashtextextended('bookmarks:' || :u, 0))"),
         {"u": user_id},
     )
-    _create_stage(session)
     params = {"u": user_id, "job": job_id}
+    if session.execute(
+        text("SELECT EXISTS (SELECT 1 FROM import_batch WHERE import_job_id = :job)"), params
+    ).scalar_one():
+        raise AlreadyStaged(f"import job {job_id} was staged by another delivery")
+    _create_stage(session)
     # A first import has nothing to merge into: skip a join per block (the lock above keeps
     # other imports of this user out until commit).
     had_bookmarks = session.execute(
@@ -475,25 +512,33 @@ def stage_rows(
     for block in blocks:
         _copy_block(session, block)
         if had_bookmarks:
-            staged.merged += session.execute(text(_MERGE_INTO_LIVE), params).rowcount  # type: ignore[attr-defined]
+            session.execute(text(_SET_ASIDE_LIVE), params)
         staged.new_ids += session.execute(insert_new, params).scalars()
         session.execute(text("TRUNCATE bookmark_stage"))
+        # A cancel does not wait for this transaction (its row lock does not conflict with
+        # the foreign-key checks of the inserts); see it here instead of after the file.
+        status = session.execute(
+            text("SELECT status FROM import_job WHERE id = :job"), params
+        ).scalar_one_or_none()
+        if status == "cancelled":
+            raise dispatch.ImportCancelled(f"import job {job_id} was cancelled while staged")
     return staged
 
 
 def merge_late(
     session: Session, job_id: int, user_id: str, late: Collection[StagedBookmark]
-) -> None:
+) -> int:
     """After ``stage_rows``: write the merged state of bookmarks whose duplicate came after
-    they were staged (rows of this job are rewritten; rows the user already had are merged
-    again, which unites nothing twice)."""
-    if not late:
-        return
-    _copy_block(session, stage_block(list(late)))
+    they were staged (this job's rows are rewritten), then merge the bookmarks the user
+    already had into their rows. Returns how many of those there were."""
     params = {"u": user_id, "job": job_id}
-    session.execute(text(_REWRITE_LATE), params)
-    session.execute(text(_MERGE_INTO_LIVE), params)
-    session.execute(text("TRUNCATE bookmark_stage"))
+    if late:
+        _copy_block(session, stage_block(list(late)))
+        session.execute(text(_REWRITE_LATE), params)
+        session.execute(text(_UPDATE_LIVE_STAGE), params)
+        session.execute(text("TRUNCATE bookmark_stage"))
+    merged: int = session.execute(text(_MERGE_INTO_LIVE), params).rowcount  # type: ignore[attr-defined]
+    return merged
 
 
 def cut_batches(
@@ -532,7 +577,7 @@ def cut_batches(
         )
     # ON COMMIT DROP covers the usual case; dropping now lets a caller stage twice in one
     # transaction.
-    session.execute(text("DROP TABLE bookmark_stage"))
+    session.execute(text("DROP TABLE bookmark_stage, bookmark_live_stage"))
     duplicates = export.duplicates_in_file + staged.merged
     skipped = sum(export.skipped.values())
     finished = not batches
@@ -578,7 +623,7 @@ def stage_import(
     """Stage an export read whole beforehand, in the caller's transaction."""
     blocks = [stage_block(list(export.bookmarks.values()))] if export.bookmarks else []
     staged = stage_rows(session, job_id, user_id, blocks)
-    merge_late(session, job_id, user_id, list(export.late.values()))
+    staged.merged = merge_late(session, job_id, user_id, list(export.late.values()))
     return cut_batches(
         session,
         job_id,
@@ -688,7 +733,7 @@ def parse_and_stage(engine: Engine, settings: Settings, claim: JobClaim) -> None
         ):
             staged = stage_rows(s, claim.job_id, claim.user_id, reader)
             export = reader.export
-            merge_late(s, claim.job_id, claim.user_id, list(export.late.values()))
+            staged.merged = merge_late(s, claim.job_id, claim.user_id, list(export.late.values()))
             # The lane (interactive or bulk) decides the batch size and whether the batches
             # wait for the dispatcher; it raises ImportCancelled for a job cancelled while
             # parsing (the transaction then rolls back).
@@ -703,6 +748,9 @@ def parse_and_stage(engine: Engine, settings: Settings, claim: JobClaim) -> None
                 segment_min_rows=settings.bulk_segment_min_bookmarks or None,
             )
             dispatch.finish_staging(s, claim.job_id, lane)
+    except AlreadyStaged as exc:
+        log.info("%s; its batches are sent as they are", exc)
+        return
     except PermanentError as exc:  # format, source, empty file
         fail_job(engine, claim.job_id, str(exc))
         _job_line(claim.job_id, "failed", watch, {}, error=str(exc))
