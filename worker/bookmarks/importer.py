@@ -159,7 +159,7 @@ def read_export(
         if isinstance(entry, SkippedEntry):
             export.skipped[entry.reason] += 1
             continue
-        reason = skip_reason(entry.url)
+        reason = None if entry.url_checked else skip_reason(entry.url)
         if reason:
             export.skipped[reason] += 1
             continue
@@ -423,6 +423,14 @@ _UPDATE_LIVE_STAGE: Final = (
     "FROM bookmark_stage s WHERE l.canonical_url = s.canonical_url"
 )
 
+# About the length of ``bookmark_text`` for a new row, in characters: what its batch is
+# chosen by (``cut_batches``).
+_EMBEDDED_LENGTH: Final = (
+    "length(coalesce(nullif(title, ''), url)) + length(coalesce(description, '')) "
+    "+ length(coalesce(note, '')) + length(array_to_string(tags, ', ')) "
+    "+ length(array_to_string(folder_path, ' / ')) + length(url)"
+)
+
 # The new bookmarks, their item ids drawn and both rows inserted in one statement (one pass
 # over the stage table; the foreign key is checked at the statement's end, when the items are
 # in). Volatile nextval() in the select list runs after the ORDER BY, so ids follow the
@@ -441,7 +449,7 @@ _INSERT_NEW: Final = (
     "extra, import_job_id) SELECT item_id, :u, url, canonical_url, domain, "
     "folder_path, tags, description, added_at, note, is_read, is_archived, extra, "
     ":job FROM new) "
-    "SELECT item_id FROM new ORDER BY ord"
+    f"SELECT item_id, {_EMBEDDED_LENGTH} FROM new ORDER BY ord"
 )
 _NOT_LIVE: Final = (
     "WHERE NOT EXISTS (SELECT 1 FROM bookmark b WHERE b.user_id = :u "
@@ -463,17 +471,10 @@ _REWRITE_LATE: Final = (
 )
 
 
-# About the length of ``bookmark_text`` for a row, in characters: what a batch is sorted by.
-_EMBEDDED_LENGTH: Final = (
-    "length(coalesce(i.title, '')) + length(coalesce(b.description, '')) "
-    "+ length(coalesce(b.note, '')) + length(array_to_string(b.tags, ', ')) "
-    "+ length(array_to_string(b.folder_path, ' / ')) + length(b.url)"
-)
-
-
 @dataclass
 class StagedRows:
     new_ids: list[int] = field(default_factory=list)  # in the file's order
+    lengths: list[int] = field(default_factory=list)  # of their embedded text, in characters
     merged: int = 0  # bookmarks of the file the user already had
 
 
@@ -513,7 +514,9 @@ def stage_rows(
         _copy_block(session, block)
         if had_bookmarks:
             session.execute(text(_SET_ASIDE_LIVE), params)
-        staged.new_ids += session.execute(insert_new, params).scalars()
+        for item_id, length in session.execute(insert_new, params):
+            staged.new_ids.append(item_id)
+            staged.lengths.append(length)
         session.execute(text("TRUNCATE bookmark_stage"))
         # A cancel does not wait for this transaction (its row lock does not conflict with
         # the foreign-key checks of the inserts); see it here instead of after the file.
@@ -560,20 +563,23 @@ def cut_batches(
     if segment_min_rows is not None and len(new_ids) >= segment_min_rows:
         segment = create_segment(session, job_id)
     if new_ids:
-        # One statement for every batch. The new bookmarks are cut in order of the length of
-        # the text embedded for them, so that each batch holds texts of about one length:
-        # the model computes padding like real tokens, and batches cut in file order made
-        # the same import 7.5 % slower to embed (bench/import_bookmarks.py).
+        # One statement for every batch: seq n holds ids [n*size, (n+1)*size) of the new
+        # bookmarks in order of the length of the text embedded for them, so that each batch
+        # holds texts of about one length: the model computes padding like real tokens, and
+        # batches cut in file order made the same import 7 % slower to embed
+        # (bench/import_bookmarks.py).
+        by_length = [
+            new_ids[k]
+            for k in sorted(range(len(new_ids)), key=lambda k: (staged.lengths[k], new_ids[k]))
+        ]
         session.execute(
             text(
                 "INSERT INTO import_batch (import_job_id, user_id, seq, item_ids) "
-                "SELECT :job, :u, (o - 1) / :size, array_agg(item_id ORDER BY o) FROM "
-                f"(SELECT b.item_id, row_number() OVER (ORDER BY {_EMBEDDED_LENGTH}, b.item_id) "
-                "AS o FROM bookmark b JOIN item i ON i.id = b.item_id "
-                "WHERE b.import_job_id = :job AND b.user_id = :u) t "
+                "SELECT :job, :u, (o - 1) / :size, array_agg(id ORDER BY o) "
+                "FROM unnest(CAST(:ids AS bigint[])) WITH ORDINALITY AS t(id, o) "
                 "GROUP BY (o - 1) / :size ORDER BY 3"
             ),
-            {"job": job_id, "u": user_id, "size": batch_size},
+            {"job": job_id, "u": user_id, "size": batch_size, "ids": by_length},
         )
     # ON COMMIT DROP covers the usual case; dropping now lets a caller stage twice in one
     # transaction.
