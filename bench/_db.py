@@ -25,6 +25,16 @@ def use_upload_root(root: Path) -> Settings:
     return get_settings()
 
 
+def keep_worker_log(log_path: Path, label: str) -> None:
+    """With BENCH_KEEP_LOG=PREFIX, copy a benchmark worker's log to PREFIX-LABEL.log before
+    its temporary directory goes (to read its per-batch stage durations afterwards)."""
+    prefix = os.environ.get("BENCH_KEEP_LOG")
+    if prefix:
+        import shutil
+
+        shutil.copy(log_path, f"{prefix}-{label}.log")
+
+
 def use_configured_services() -> None:
     """Without DATABASE_URL, start the embedded PostgreSQL and Redis on this checkout's
     PG_PORT / REDIS_PORT and point DATABASE_URL and REDIS_URL (unless set) at them, so that

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench._db import drop_database, fresh_database, use_upload_root
+from bench._db import drop_database, fresh_database, keep_worker_log, use_upload_root
 
 DB_NAME = "bench_import"
 WORDS = [
@@ -270,10 +270,7 @@ def measure_end_to_end(
         total_s = time.perf_counter() - start
     finally:
         worker.stop()
-    if os.environ.get("BENCH_KEEP_LOG"):
-        import shutil
-
-        shutil.copy(log_path, f"{os.environ['BENCH_KEEP_LOG']}-{user}.log")
+    keep_worker_log(log_path, user)
     stages = _batch_stages(log_path)
     index_s = _indexed_seconds(job)
     return {

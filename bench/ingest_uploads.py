@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench._db import drop_database, fresh_database, use_upload_root
+from bench._db import drop_database, fresh_database, keep_worker_log, use_upload_root
 
 DB_NAME = "bench_uploads"
 KINDS = ("txt", "md", "html", "docx", "pdf", "json", "csv")
@@ -122,12 +122,7 @@ def end_to_end(paths: list[Path], workdir: Path, *, analysis: str, concurrency: 
         elapsed = time.perf_counter() - start
     finally:
         worker.stop()
-        if os.environ.get("BENCH_KEEP_LOG"):
-            import shutil
-
-            shutil.copy(
-                workdir / f"worker-{analysis}.log", f"{os.environ['BENCH_KEEP_LOG']}-{analysis}.log"
-            )
+        keep_worker_log(workdir / f"worker-{analysis}.log", analysis)
     assert counts == {"done": len(ids)}, counts
     return elapsed
 
