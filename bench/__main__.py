@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from bench import (
     copy_rows,
     fairness,
+    first_pass,
     import_bookmarks,
     index_upkeep,
     ingest_uploads,
@@ -25,6 +26,7 @@ BENCHES: dict[str, Callable[[list[str]], int]] = {
     "peers": peers.main,
     "ingest_uploads": ingest_uploads.main,
     "import_bookmarks": import_bookmarks.main,
+    "first_pass": first_pass.main,
     "search": search.main,
     "index_upkeep": index_upkeep.main,
     "copy_rows": copy_rows.main,

@@ -91,6 +91,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--vectors", type=int, help="vectors for COPY vs executemany (default 100000, quick 20000)"
     )
     parser.add_argument(
+        "--first-pass-rows",
+        type=int,
+        help="bookmarks of the first-pass import (default 100000, quick 20000)",
+    )
+    parser.add_argument(
         "--peers-python",
         type=Path,
         default=Path(os.environ.get("BENCH_PEERS_PYTHON", PEERS_VENV / "bin" / "python")),
@@ -117,6 +122,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.docs = args.docs or (28 if args.quick else 140)
     args.bookmarks = args.bookmarks or (600 if args.quick else 3000)
     args.vectors = args.vectors or (20_000 if args.quick else 100_000)
+    args.first_pass_rows = args.first_pass_rows or (20_000 if args.quick else 100_000)
     if args.quiet_timeout is None:
         args.quiet_timeout = 20.0 if args.quick else 60.0
     if args.quiet_budget is None:
@@ -478,6 +484,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 steps=steps[kind],
                 gate=gate,
             )
+        print(
+            f"first pass: a {args.first_pass_rows:,}-bookmark import with a static first-pass "
+            "model",
+            flush=True,
+        )
+        from bench import first_pass
+
+        figures["first_pass"] = gate.measure(
+            "first_pass", lambda: first_pass.measure(args.first_pass_rows, Path(tmp))
+        )
     print(f"COPY against executemany, {args.vectors:,} vectors", flush=True)
     from bench import copy_rows
     from bench._db import drop_plain_database, fresh_plain_database

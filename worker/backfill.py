@@ -366,7 +366,7 @@ def write_batch(
                     r.item_id,
                     r.analysis_id,
                     r.user_id,
-                    EmbeddedChunk(r.chunk_index, r.content, list(v), r.source),
+                    EmbeddedChunk(r.chunk_index, r.content, v, r.source),
                 )
                 for r, v in zip(loaded.rows, vectors, strict=True)
                 if r.item_id in keep

@@ -435,7 +435,10 @@ def progress_line(p: Any) -> str:
     line = (
         f"{p.status:<10} [{'#' * filled}{'-' * (30 - filled)}] {p.processed}/{p.total} {rate} {eta}"
     )
-    return f"{line}  ({p.note})" if p.note else line
+    notes = [p.note] if p.note else []
+    if getattr(p, "searchable_at", None) is not None and not p.finished:
+        notes.append("searchable: first pass done")
+    return f"{line}  ({'; '.join(notes)})" if notes else line
 
 
 def _duration(seconds: float) -> str:

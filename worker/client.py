@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +156,9 @@ class ImportProgress:
     eta_s: float | None
     lane: str = "interactive"  # bulk: released a few batches at a time, after others' uploads
     note: str | None = None  # why it is not moving: paused, waiting for EMBED_WINDOW
+    # When every new bookmark became searchable through the first-pass model, before the
+    # serving model's vectors (None: the import had no first pass).
+    searchable_at: datetime | None = None
 
     @property
     def fraction(self) -> float:
@@ -194,6 +198,7 @@ def import_status(user_id: str, job_id: int) -> ImportProgress | None:
             eta_s=est.eta_s,
             lane=job.lane,
             note=est.note,
+            searchable_at=job.first_pass_at,
         )
 
 

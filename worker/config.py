@@ -133,6 +133,13 @@ class Settings(BaseSettings):
         description="Imports with this many new bookmarks get an embedding partition of their "
         "own, indexed in bulk at the end; 0 switches it off.",
     )
+    first_pass_min_bookmarks: int = Field(
+        1000,
+        ge=0,
+        description="Imports with this many new bookmarks are embedded with the first-pass "
+        "model (`worker models add NAME --first-pass`; none by default) while they are "
+        "staged, so that they are searchable at once; 0 switches it off.",
+    )
 
     # --- bookmark page fetching (worker/bookmarks/fetch.py) ---------------------------
     fetch_pages: bool = Field(

@@ -1,7 +1,9 @@
 """``worker models``: change the embedding model without downtime.
 
 worker models add NAME --path DIR | --package PKG [--distance cosine|l2|ip] [--index hnsw|ivfflat]
+                  [--first-pass]
 worker models list [--json]
+worker models distil DIR [--dimensions 256]
 worker models activate NAME
 worker models retire NAME
 worker models resume NAME
@@ -43,6 +45,12 @@ def models() -> None:
 @click.option("--index", "index_kind", type=click.Choice(INDEX_KINDS), default="hnsw")
 @click.option("--halfvec", is_flag=True, help="Index at half precision (half the size).")
 @click.option("--batch-rows", default=1000, show_default=True, type=click.IntRange(1, 100_000))
+@click.option(
+    "--first-pass",
+    is_flag=True,
+    help="A fast (static) model that makes bulk imports searchable while they are staged; "
+    "the serving model's vectors replace its rows. Nothing is backfilled.",
+)
 def add_cmd(
     name: str,
     path: str | None,
@@ -51,9 +59,11 @@ def add_cmd(
     index_kind: str,
     halfvec: bool,
     batch_rows: int,
+    first_pass: bool,
 ) -> None:
     """Register NAME from local files (never downloaded) and start re-embedding every live
-    item with it in the background; search keeps using the serving model meanwhile."""
+    item with it in the background; search keeps using the serving model meanwhile. With
+    --first-pass, register it as the first-pass model of bulk imports instead."""
     from worker.models import add_model
 
     result = add_model(
@@ -65,12 +75,37 @@ def add_cmd(
         index_kind=index_kind,
         index_precision="halfvec" if halfvec else "vector",
         batch_rows=batch_rows,
+        first_pass=first_pass,
     )
+    if first_pass:
+        click.echo(
+            f"added {name} ({result['kind']}, {result['dimensions']} dims) as the first-pass "
+            "model: bulk imports are searchable with it as soon as they are staged"
+        )
+        return
     click.echo(
         f"added {name} ({result['kind']}, {result['dimensions']} dims): backfill job "
         f"{result['job_id']}, {result['items']} items in {result['batches']} batches; "
         f"follow with `worker models list`"
     )
+
+
+@models.command("distil")
+@click.argument("target", type=click.Path(file_okay=False))
+@click.option("--dimensions", default=256, show_default=True, type=click.IntRange(8, 1024))
+def distil_cmd(target: str, dimensions: int) -> None:
+    """Distil a static (model2vec) model from the default model's files into TARGET, offline:
+    a fast first-pass model (`worker models add NAME --path TARGET --first-pass`) or a cheap
+    second model. Needs the `distil` extra."""
+    from worker.ingest.embed import default_model_path
+    from worker.ingest.static_embed import distil
+
+    source = get_settings().model_path or default_model_path()
+    try:
+        out = distil(source, target, dimensions=dimensions)
+    except (RuntimeError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"distilled {source} into {out} ({dimensions} dimensions)")
 
 
 @models.command("list")

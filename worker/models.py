@@ -17,6 +17,12 @@ downtime:
 4. ``retire`` stops embedding with a non-serving model, drops its index and deletes its
    vectors in small transactions.
 
+A fast static model can also be added as the ``first_pass`` model (``add_model(...,
+first_pass=True)``, at most one): it is never backfilled, indexed or served on its own; it
+embeds a bulk import's new bookmarks while they are staged so that the import is searchable
+at once, and the serving model's vectors replace those rows batch by batch
+(``worker.bookmarks.first_pass``).
+
 Plain functions over an Engine; ``worker.model_commands`` is the CLI, ``worker.tasks`` runs
 the batches.
 """
@@ -123,9 +129,14 @@ def add_model(
     batch_rows: int = DEFAULT_BATCH_ROWS,
     send: Send | None = None,
     settings: Settings | None = None,
+    first_pass: bool = False,
 ) -> dict[str, Any]:
     """Register a model as ``backfilling`` and start re-embedding every live item with it.
-    A retired model of the same name is brought back the same way."""
+    A retired model of the same name is brought back the same way.
+
+    ``first_pass``: register it as the first-pass model instead (nothing is backfilled; bulk
+    imports are embedded with it while they are staged). Refused while another model has
+    that role."""
     settings = settings or get_settings()
     try:
         check_model_name(name)
@@ -157,7 +168,19 @@ def add_model(
             package=package,
             index_kind=index_kind,
             index_precision=index_precision,
+            state="first_pass" if first_pass else "backfilling",
         )
+        if first_pass:
+            log.info("model %s added (%s, %s dims) as the first-pass model", name, kind, dims)
+            return {
+                "model": name,
+                "kind": kind,
+                "files": where,
+                "dimensions": dims,
+                "distance": distance,
+                "state": "first_pass",
+                "load_seconds": load_s,
+            }
         job_id = s.execute(
             text(
                 "INSERT INTO backfill_job (model_id, source_model, passes) "
@@ -195,13 +218,23 @@ def _register(
     package: str | None,
     index_kind: str,
     index_precision: str,
+    state: str,
 ) -> int:
     existing = s.execute(
         text("SELECT id, state FROM embedding_model WHERE name = :name FOR UPDATE"), {"name": name}
     ).first()
     if existing is not None and existing.state != "retired":
         raise ModelLifecycleError(f"model {name} is already registered ({existing.state})")
+    if state == "first_pass":
+        other = s.execute(
+            text("SELECT name FROM embedding_model WHERE state = 'first_pass' FOR UPDATE")
+        ).scalar_one_or_none()
+        if other is not None:
+            raise ModelLifecycleError(
+                f"{other} is the first-pass model: `worker models retire {other}` first"
+            )
     params = {
+        "state": state,
         "name": name,
         "dims": dims,
         "distance": distance,
@@ -215,7 +248,7 @@ def _register(
         s.execute(
             text(
                 "UPDATE embedding_model SET dimensions = :dims, distance = :distance, "
-                "state = 'backfilling', serving = false, path = :path, package = :package, "
+                "state = :state, serving = false, path = :path, package = :package, "
                 "index_kind = :kind, index_precision = :precision, index_params = '{}', "
                 "rows_at_build = NULL, built_at = NULL, last_recall = NULL, "
                 "last_recall_at = NULL, updated_at = now() WHERE id = :id"
@@ -226,7 +259,7 @@ def _register(
     model_id: int = s.execute(
         text(
             "INSERT INTO embedding_model (name, dimensions, distance, state, path, package, "
-            "index_kind, index_precision) VALUES (:name, :dims, :distance, 'backfilling', "
+            "index_kind, index_precision) VALUES (:name, :dims, :distance, :state, "
             ":path, :package, :kind, :precision) RETURNING id"
         ),
         params,
@@ -269,7 +302,7 @@ def list_models(engine: Engine) -> list[dict[str, Any]]:
             index = index_name(m.name, m.index_kind)
             missing = (
                 missing_items(conn, m.name, serving)
-                if serving and m.name != serving and m.state != "retired"
+                if serving and m.name != serving and m.state in ("active", "backfilling")
                 else 0
             )
             state_of_index = index_state(conn, index)
@@ -291,7 +324,7 @@ def list_models(engine: Engine) -> list[dict[str, Any]]:
                     "last_recall": m.last_recall,
                     "last_recall_at": m.last_recall_at,
                     "backfill": backfill,
-                    "ready": m.state != "retired"
+                    "ready": m.state in ("active", "backfilling")
                     and not open_job
                     and missing == 0
                     and state_of_index == "valid",
@@ -343,6 +376,12 @@ def activate(engine: Engine, name: str) -> dict[str, Any]:
             return {"model": name, "changed": False, "previous": name}
         if target.state == "retired":
             raise ModelLifecycleError(f"{name} is retired: `worker models add` it again first")
+        if target.state == "first_pass":
+            raise ModelLifecycleError(
+                f"{name} is the first-pass model, which has vectors only for imports in "
+                f"progress: `worker models retire {name}`, then `worker models add {name}` "
+                "without --first-pass to backfill it"
+            )
         job = s.execute(
             text(
                 "SELECT status, done_batches, total_batches, error FROM backfill_job "
@@ -507,6 +546,8 @@ def resume(
             raise ModelLifecycleError(f"unknown model {name}: see `worker models list`")
         if model.state == "retired":
             raise ModelLifecycleError(f"{name} is retired: `worker models add` it again")
+        if model.state == "first_pass":
+            raise ModelLifecycleError(f"{name} is the first-pass model: it is never backfilled")
         if model.serving:
             raise ModelLifecycleError(f"{name} is the serving model: nothing to backfill")
         job = s.execute(

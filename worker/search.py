@@ -475,28 +475,91 @@ def semantic_search(
     if metric not in OPERATORS:
         raise ValueError(f"unknown distance {metric!r}: use cosine, l2 or ip")
     use_index = metric == spec.distance and rows > threshold
+    # Bookmarks of an import still being embedded by the serving model may have only the
+    # first-pass model's vectors (worker.bookmarks.first_pass): rank those too. A vector
+    # given by the caller is in the serving model's space, so it cannot search them.
+    first_pass = _pending_first_pass(session, user_id) if model is None and vector is None else None
+    # With a second list, both are fetched from the top and the page is cut after merging.
+    page_limit, page_offset = (limit, offset) if first_pass is None else (offset + limit, 0)
     if use_index:
-        matches = _index_matches(session, user_id, spec, q, filters, limit, offset, ef_search)
+        matches = _index_matches(
+            session, user_id, spec, q, filters, page_limit, page_offset, ef_search
+        )
     else:
         op = OPERATORS[metric]
-        matches = _exact_matches(session, user_id, spec, q, op, filters, limit, offset)
-    loaded = _load_hits(session, user_id, matches)
+        matches = _exact_matches(session, user_id, spec, q, op, filters, page_limit, page_offset)
     plan = "index" if use_index else "exact"
+    ranked = [(m, spec.model, metric, plan) for m in matches]
+    if first_pass is not None:
+        ranked = _with_first_pass(
+            session, user_id, query, first_pass, ranked, filters, offset, limit
+        )
+    loaded = _load_hits(session, user_id, [m for m, *_ in ranked])
     return [
         _hit(
             loaded[m.item_id],
-            similarity(m.value, metric),
+            similarity(m.value, m_metric),
             {
                 "semantic": m.value,
-                "distance": metric,
+                "distance": m_metric,
                 "matched": m.matched,
-                "plan": plan,
-                "model": spec.model,
+                "plan": m_plan,
+                "model": m_model,
             },
         )
-        for m in matches
+        for m, m_model, m_metric, m_plan in ranked
         if m.item_id in loaded
     ]
+
+
+def _pending_first_pass(session: Session, user_id: str) -> tuple[IndexSpec, _ModelFiles] | None:
+    """The first-pass model, when this user has rows of it (an import awaiting the serving
+    model's vectors); None otherwise, which is one index probe."""
+    row = session.execute(
+        text(
+            "SELECT m.name, m.dimensions, m.distance, m.index_kind, m.index_precision, "
+            "m.index_params, m.path, m.package FROM embedding_model m "
+            "WHERE m.state = 'first_pass' AND EXISTS (SELECT 1 FROM embedding e "
+            "WHERE e.user_id = :user_id AND e.model = m.name)"
+        ),
+        {"user_id": user_id},
+    ).first()
+    if row is None:
+        return None
+    return IndexSpec.from_row(row), _ModelFiles(row.name, row.path, row.package)
+
+
+Ranked = tuple[_Match, str, str, str]  # the match, its model, distance and plan
+
+
+def _with_first_pass(
+    session: Session,
+    user_id: str,
+    query: str | None,
+    first_pass: tuple[IndexSpec, _ModelFiles],
+    serving: list[Ranked],
+    filters: SearchFilters | None,
+    offset: int,
+    limit: int,
+) -> list[Ranked]:
+    """The serving model's matches and the first-pass model's, interleaved by reciprocal
+    rank, then the page. The two models' similarities are not on one scale, so ranks are
+    what is merged (as hybrid search merges text and vectors); each hit keeps its own model's
+    similarity and names its model.
+
+    The first-pass rows are exactly the items without serving-model vectors: a batch's write
+    deletes its items' stand-ins in the transaction that adds their real vectors. The scan is
+    exact: the rows are short-lived and have no index."""
+    spec, files = first_pass
+    q = _query_vector(query, None, spec, files)
+    extra = _exact_matches(session, user_id, spec, q, spec.operator, filters, offset + limit, 0)
+    seen = {m.item_id for m, *_ in serving}
+    pending: list[Ranked] = [
+        (m, spec.model, spec.distance, "exact") for m in extra if m.item_id not in seen
+    ]
+    scores = rrf_scores([[m.item_id for m, *_ in serving], [m.item_id for m, *_ in pending]])
+    merged = sorted(serving + pending, key=lambda r: (-scores[r[0].item_id], r[0].item_id))
+    return merged[offset : offset + limit]
 
 
 # --- full text ------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
 from worker import metrics
-from worker.bookmarks import dispatch
+from worker.bookmarks import dispatch, first_pass
 from worker.bookmarks.canonical import canonicalize, skip_reason
 from worker.bookmarks.fetch import (
     FetchedPage,
@@ -750,6 +750,13 @@ def parse_and_stage(engine: Engine, settings: Settings, claim: JobClaim) -> None
                 batch_size=dispatch.batch_size(settings, lane),
                 segment_min_rows=settings.bulk_segment_min_bookmarks or None,
             )
+            if first_pass.wanted(settings, summary["created"]):
+                with watch.stage("first_pass"):
+                    done = first_pass.embed_first_pass(
+                        s, claim.job_id, claim.user_id, segment=summary["segment"]
+                    )
+                if done is not None:
+                    summary["first_pass_vectors"] = done["vectors"]
             dispatch.finish_staging(s, claim.job_id, lane)
     except AlreadyStaged as exc:
         log.info("%s; its batches are sent as they are", exc)
@@ -814,6 +821,37 @@ def bookmark_text(
     """What is embedded for a bookmark: its title, description, the user's own note, tags,
     folders, domain and the words of the URL path (``/wiki/Sourdough_bread`` → "wiki
     Sourdough bread")."""
+    return joined_bookmark_text(
+        title,
+        description,
+        note,
+        ", ".join(tags) if tags else None,
+        " / ".join(folder_path) if folder_path else None,
+        domain,
+        url,
+    )
+
+
+# The columns ``joined_bookmark_text`` takes, in its order (item i, bookmark b): the lists are
+# joined by the server, which is 3.5x faster to read than text[] columns for 100,000 rows.
+BOOKMARK_TEXT_COLUMNS: Final = (
+    "i.title, b.description, b.note, "
+    "CASE WHEN cardinality(b.tags) > 0 THEN array_to_string(b.tags, ', ') END, "
+    "CASE WHEN cardinality(b.folder_path) > 0 THEN array_to_string(b.folder_path, ' / ') END, "
+    "b.domain, b.url"
+)
+
+
+def joined_bookmark_text(
+    title: str | None,
+    description: str | None,
+    note: str | None,
+    tags: str | None,
+    folders: str | None,
+    domain: str | None,
+    url: str,
+) -> str:
+    """``bookmark_text`` with the tag and folder lists already joined (None: an empty list)."""
     try:
         path_words = " ".join(_WORDS.findall(unquote(urlsplit(url).path)))
     except ValueError:
@@ -822,8 +860,8 @@ def bookmark_text(
         title or "",
         description or "",
         note or "",
-        ("tags: " + ", ".join(tags)) if tags else "",
-        ("folder: " + " / ".join(folder_path)) if folder_path else "",
+        ("tags: " + tags) if tags is not None else "",
+        ("folder: " + folders) if folders is not None else "",
         domain or "",
         path_words,
     ]
@@ -902,23 +940,15 @@ def load_batch(engine: Engine, claim: BatchClaim) -> list[BatchRow]:
     with session_scope(engine) as s:
         rows = s.execute(
             text(
-                "SELECT i.id, i.title, b.url, b.domain, b.folder_path, b.tags, b.description, "
-                "b.note FROM item i JOIN bookmark b ON b.item_id = i.id "
+                f"SELECT i.id, {BOOKMARK_TEXT_COLUMNS} FROM item i "
+                "JOIN bookmark b ON b.item_id = i.id "
                 "WHERE i.id = ANY(:ids) AND i.user_id = :u AND i.deleted_at IS NULL "
                 "ORDER BY i.id"
             ),
             {"ids": claim.item_ids, "u": claim.user_id},
         ).all()
-    return [
-        BatchRow(
-            r.id,
-            r.url,
-            bookmark_text(
-                r.title, r.description, r.tags, r.folder_path, r.domain, r.url, note=r.note
-            ),
-        )
-        for r in rows
-    ]
+    # The last column is the URL.
+    return [BatchRow(r[0], r[-1], joined_bookmark_text(*r[1:])) for r in rows]
 
 
 def _finish_batch(
@@ -986,7 +1016,7 @@ def write_batch(
             copy_embeddings(
                 conn,
                 (
-                    (item_id, None, claim.user_id, EmbeddedChunk(index, text_, list(v), source))
+                    (item_id, None, claim.user_id, EmbeddedChunk(index, text_, v, source))
                     for (item_id, (index, text_, source)), v in zip(
                         pieces, model_vectors, strict=True
                     )
@@ -995,6 +1025,15 @@ def write_batch(
                 dimensions=dimensions,
                 segment=claim.segment,
             )
+        # The real vectors are in: the first pass's stand-ins for these items go (they were
+        # written into the same segment when the job was staged).
+        conn.execute(
+            text(
+                "DELETE FROM embedding WHERE item_id = ANY(:ids) AND segment = :segment "
+                "AND model IN (SELECT name FROM embedding_model WHERE state = 'first_pass')"
+            ),
+            {"ids": ids, "segment": claim.segment},
+        )
         s.execute(
             text(
                 "UPDATE item SET status = 'done', error = NULL, processed_at = now(), "

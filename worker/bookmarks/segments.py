@@ -73,11 +73,11 @@ def create_segment(session: Session, job_id: int) -> int:
 
 
 def _segment_models(conn: Connection, segment: int) -> list[IndexSpec]:
-    """The registered models (not retired) that have rows in the segment."""
+    """The models embedded with (active or backfilling) that have rows in the segment."""
     rows = conn.execute(
         text(
             "SELECT m.name, m.dimensions, m.distance, m.index_kind, m.index_precision, "
-            "m.index_params FROM embedding_model m WHERE m.state <> 'retired' "
+            "m.index_params FROM embedding_model m WHERE m.state IN ('active', 'backfilling') "
             f"AND EXISTS (SELECT 1 FROM {segment_table(segment)} e WHERE e.model = m.name) "
             "ORDER BY m.id"
         )

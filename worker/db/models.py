@@ -45,7 +45,9 @@ BATCH_STATUSES = ("queued", "processing", "done", "failed")
 # interactive: its batches go to the ingest queue at once; bulk: the dispatcher releases them
 # to the bulk queue a few at a time (worker.bookmarks.dispatch).
 IMPORT_LANES = ("interactive", "bulk")
-MODEL_STATES = ("active", "backfilling", "retired")
+# first_pass: a fast stand-in that embeds a bulk import while it is staged; the serving
+# model's vectors replace its rows batch by batch (worker.bookmarks.first_pass).
+MODEL_STATES = ("active", "backfilling", "retired", "first_pass")
 BACKFILL_JOB_STATUSES = ("queued", "running", "indexing", "done", "failed", "cancelled")
 DISTANCES = ("cosine", "l2", "ip")
 INDEX_KINDS = ("hnsw", "ivfflat")
@@ -150,6 +152,10 @@ class ImportJob(Base):
     # into the main one; indexed_at is set when its vector indexes are built.
     segment: Mapped[int | None] = mapped_column(BigInteger)
     segment_indexed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # When the first-pass model's vectors of the new bookmarks committed with the staging:
+    # from then on the import is searchable (NULL: no first pass).
+    first_pass_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    first_pass_model: Mapped[str | None] = mapped_column(Text)
     lane: Mapped[str] = mapped_column(Text, server_default="interactive")
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -366,6 +372,12 @@ class EmbeddingModel(Base):
             "serving",
             unique=True,
             postgresql_where=text("serving"),
+        ),
+        Index(
+            "uq_embedding_model_first_pass",
+            "state",
+            unique=True,
+            postgresql_where=text("state = 'first_pass'"),
         ),
     )
 

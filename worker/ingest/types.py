@@ -64,7 +64,7 @@ class EmbeddedChunk:
 
     chunk_index: int
     content: str
-    vector: list[float]
+    vector: Sequence[float] | NDArray[np.float32]  # a row of the encoder's array is kept as is
     source: dict[str, Any]
 
 
