@@ -484,13 +484,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 steps=steps[kind],
                 gate=gate,
             )
+        from bench import dedupe, first_pass
+
+        print("identical texts given three times over to our embedder", flush=True)
+        sample = [t for doc in corpus.data["bookmarks"]["docs"] for t in doc["chunks"]][:1500]
+        figures["dedupe"] = gate.measure("dedupe", lambda: dedupe.measure(sample))
         print(
             f"first pass: a {args.first_pass_rows:,}-bookmark import with a static first-pass "
             "model",
             flush=True,
         )
-        from bench import first_pass
-
         figures["first_pass"] = gate.measure(
             "first_pass", lambda: first_pass.measure(args.first_pass_rows, Path(tmp))
         )

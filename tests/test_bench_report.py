@@ -117,6 +117,24 @@ def test_targets_name_what_was_met_and_missed(figures: dict[str, Any]) -> None:
     assert verdicts["identical texts embedded once per batch"].met is None
 
 
+def test_identical_texts_are_met_when_each_reached_the_model_once(
+    figures: dict[str, Any],
+) -> None:
+    figures["dedupe"] = {
+        "texts": 100,
+        "repeats": 3,
+        "once_s": 1.0,
+        "repeated_s": 1.1,
+        "once_reached": 100,
+        "repeated_reached": 100,
+        "same_vectors": True,
+    }
+    target = report.dedupe_target(figures)
+    assert target.met is True and "100 reached it" in target.measured
+    figures["dedupe"]["repeated_reached"] = 300
+    assert report.dedupe_target(figures).met is False
+
+
 def test_the_first_pass_is_compared_with_langchain_s_rate_of_the_same_run(
     figures: dict[str, Any],
 ) -> None:

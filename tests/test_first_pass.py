@@ -167,6 +167,17 @@ def test_a_bulk_import_is_searchable_when_staged_and_the_serving_vectors_replace
         # Pages of the merged list do not overlap and cover it.
         pages = [semantic_search(s, user_id, "guide", limit=4, offset=o) for o in (0, 4, 8)]
         assert [h.item_id for page in pages for h in page] == [h.item_id for h in both]
+        # Each subject's own bookmark comes first, whether it has its real vector or still
+        # its stand-in: the stand-ins are placed on the serving model's scale, not
+        # interleaved by rank (which put the best stand-in level with the best real match).
+        titles = dict(
+            s.execute(text("SELECT id, title FROM item WHERE user_id = :u"), {"u": user_id}).all()
+        )
+        for item_id, title in titles.items():
+            hits = semantic_search(s, user_id, title.removesuffix(" guide"), limit=4)
+            assert hits[0].item_id == item_id, (title, [(h.title, h.why["model"]) for h in hits])
+            assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+            assert all(h.snippet for h in hits)  # a stand-in shows its title
         fused = hybrid_search(s, user_id, "jazz piano chords", limit=3)
         assert fused[0].title == _title(5)
         assert len(text_search(s, user_id, "guide", limit=12)) == 5
@@ -253,8 +264,9 @@ def test_the_first_pass_model_is_never_served_or_backfilled_and_retiring_it_remo
 
 
 def test_the_static_encoder_gives_model2vec_s_own_vectors(static_model_dir: Path) -> None:
-    """The sparse-product path (``_token_sums``) against ``StaticModel.encode`` itself, on
-    texts that exercise its edges: empty, only unknown characters, longer than the cut."""
+    """The fast path (``_token_sums``: words split here, a sparse product) against
+    ``StaticModel.encode`` itself, on texts that exercise its edges: empty, only unknown
+    characters, longer than the cut, unknown tokens near it, added tokens, punctuation."""
     embedder = StaticModelEmbedder(str(static_model_dir), name="t", batch_size=3)
     texts = [
         "Sourdough bread rises overnight",
@@ -264,6 +276,13 @@ def test_the_static_encoder_gives_model2vec_s_own_vectors(static_model_dir: Path
         "tags: vector, search\nfolder: Reading / Later",
         "\x00",
         "naïve café",
+        # Unknown tokens count towards the 512 before they are dropped: a word of over 100
+        # characters is one [UNK], so "b" is cut here.
+        "x" * 101 + " a" * 511 + " b",
+        # Added tokens are matched in the raw text, before the words are split.
+        "Padding with [PAD]",
+        "a literal [UNK] here",
+        "tabs\tand\nnew lines, punctuation: (a) {b} [c] 'd' \"e\" #f ~g",
     ]
     ours = embedder.encode(texts)
     theirs = np.asarray(
@@ -277,3 +296,10 @@ def test_the_static_encoder_gives_model2vec_s_own_vectors(static_model_dir: Path
     assert np.allclose(ours[empty], 1.0 / np.sqrt(embedder.dimensions))
     cosine = (ours[~empty] * (theirs[~empty] / norms[~empty, None])).sum(axis=1)
     assert cosine.min() > 0.9999
+    # Token for token, where the words are split here: the tokenizer's own ids.
+    plain = [t for t in texts if embedder._splittable(t)]
+    assert "x" * 101 + " a" * 511 + " b" in plain and "Padding with [PAD]" not in plain
+    for text_ in plain:
+        flat, lengths = embedder._kept(*embedder._word_pieces([text_]))
+        assert flat.tolist() == list(embedder.model.tokenize([text_])[0]), text_[:40]
+        assert lengths.tolist() == [flat.size]

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, text
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from worker.backfill import (
@@ -159,17 +160,25 @@ def add_model(
     load_s = round(time.monotonic() - started, 3)
     with session_scope(engine) as s:
         source = serving_model(s)
-        model_id = _register(
-            s,
-            name,
-            dims=dims,
-            distance=distance,
-            path=where if path else None,
-            package=package,
-            index_kind=index_kind,
-            index_precision=index_precision,
-            state="first_pass" if first_pass else "backfilling",
-        )
+        try:
+            model_id = _register(
+                s,
+                name,
+                dims=dims,
+                distance=distance,
+                path=where if path else None,
+                package=package,
+                index_kind=index_kind,
+                index_precision=index_precision,
+                state="first_pass" if first_pass else "backfilling",
+            )
+        except IntegrityError as exc:
+            # Two adds at once: _register's check saw no other row, the unique index did.
+            if "uq_embedding_model_first_pass" in str(exc):
+                raise ModelLifecycleError(
+                    "another first-pass model was added meanwhile: see `worker models list`"
+                ) from exc
+            raise
         if first_pass:
             log.info("model %s added (%s, %s dims) as the first-pass model", name, kind, dims)
             return {

@@ -183,7 +183,8 @@ def _load_hits(
     """
     if not matches:
         return {}
-    source = "coalesce(e.content, la.summary, '')"
+    # A first-pass stand-in stores no text (worker.bookmarks.first_pass): the title then.
+    source = "coalesce(nullif(e.content, ''), la.summary, i.title, '')"
     snippet = (
         f"ts_headline('{TS_CONFIG}', {source}, websearch_to_tsquery('{TS_CONFIG}', :q), "
         ":headline_options)"
@@ -305,6 +306,16 @@ def _encode(query: str, files: _ModelFiles) -> NDArray[np.float32]:
 
     embedder = embedder_for_model(files.name, files.path, files.package)
     return np.asarray(embedder.encode([query])[0], dtype=np.float32)
+
+
+def _distance(v: NDArray[np.float32], q: NDArray[np.float32], metric: str) -> float:
+    """pgvector's distance between two vectors, in numpy (``<=>``, ``<->``, ``<#>``)."""
+    if metric == "cosine":
+        norms = float(np.linalg.norm(v) * np.linalg.norm(q))
+        return 1.0 - float(v @ q) / norms if norms else 1.0
+    if metric == "l2":
+        return float(np.linalg.norm(v - q))
+    return -float(v @ q)
 
 
 def similarity(distance: float, metric: str) -> float:
@@ -489,27 +500,40 @@ def semantic_search(
         op = OPERATORS[metric]
         matches = _exact_matches(session, user_id, spec, q, op, filters, page_limit, page_offset)
     plan = "index" if use_index else "exact"
-    ranked = [(m, spec.model, metric, plan) for m in matches]
+    ranked = [_Ranked(m, spec.model, metric, plan, similarity(m.value, metric)) for m in matches]
     if first_pass is not None:
         ranked = _with_first_pass(
             session, user_id, query, first_pass, ranked, filters, offset, limit
         )
-    loaded = _load_hits(session, user_id, [m for m, *_ in ranked])
-    return [
-        _hit(
-            loaded[m.item_id],
-            similarity(m.value, m_metric),
-            {
-                "semantic": m.value,
-                "distance": m_metric,
-                "matched": m.matched,
-                "plan": m_plan,
-                "model": m_model,
-            },
-        )
-        for m, m_model, m_metric, m_plan in ranked
-        if m.item_id in loaded
-    ]
+    loaded = _load_hits(session, user_id, [r.match for r in ranked])
+    hits = []
+    for r in ranked:
+        if r.match.item_id not in loaded:
+            continue
+        why = {
+            "semantic": r.match.value,
+            "distance": r.metric,
+            "matched": r.match.matched,
+            "plan": r.plan,
+            "model": r.model,
+        }
+        if r.first_pass is not None:
+            why["first_pass_similarity"] = r.first_pass
+        hits.append(_hit(loaded[r.match.item_id], r.score, why))
+    return hits
+
+
+@dataclass(frozen=True)
+class _Ranked:
+    """A semantic match with its model, distance, plan and score (a similarity on the
+    serving model's scale)."""
+
+    match: _Match
+    model: str
+    metric: str
+    plan: str
+    score: float
+    first_pass: float | None = None  # a stand-in's own similarity, by the first-pass model
 
 
 def _pending_first_pass(session: Session, user_id: str) -> tuple[IndexSpec, _ModelFiles] | None:
@@ -529,23 +553,26 @@ def _pending_first_pass(session: Session, user_id: str) -> tuple[IndexSpec, _Mod
     return IndexSpec.from_row(row), _ModelFiles(row.name, row.path, row.package)
 
 
-Ranked = tuple[_Match, str, str, str]  # the match, its model, distance and plan
-
-
 def _with_first_pass(
     session: Session,
     user_id: str,
     query: str | None,
     first_pass: tuple[IndexSpec, _ModelFiles],
-    serving: list[Ranked],
+    serving: list[_Ranked],
     filters: SearchFilters | None,
     offset: int,
     limit: int,
-) -> list[Ranked]:
-    """The serving model's matches and the first-pass model's, interleaved by reciprocal
-    rank, then the page. The two models' similarities are not on one scale, so ranks are
-    what is merged (as hybrid search merges text and vectors); each hit keeps its own model's
-    similarity and names its model.
+) -> list[_Ranked]:
+    """The serving model's matches and the stand-ins' (items with only a first-pass
+    vector), merged by similarity on the serving model's scale, then the page.
+
+    The two models' similarities are not on one scale (a static model's run higher or lower
+    for the same pair), and merging by rank would put the best stand-in level with the best
+    real match however poor it is. So the serving candidates' own texts are encoded with the
+    first-pass model too, and a stand-in's first-pass similarity is mapped onto the serving
+    scale through those candidates: both lists of similarities sorted, the stand-in's placed
+    among the first-pass ones and read off the serving ones (linear in between, a shift of
+    the nearest end outside). Without serving candidates the stand-ins keep their order.
 
     The first-pass rows are exactly the items without serving-model vectors: a batch's write
     deletes its items' stand-ins in the transaction that adds their real vectors. The scan is
@@ -553,13 +580,60 @@ def _with_first_pass(
     spec, files = first_pass
     q = _query_vector(query, None, spec, files)
     extra = _exact_matches(session, user_id, spec, q, spec.operator, filters, offset + limit, 0)
-    seen = {m.item_id for m, *_ in serving}
-    pending: list[Ranked] = [
-        (m, spec.model, spec.distance, "exact") for m in extra if m.item_id not in seen
+    seen = {r.match.item_id for r in serving}
+    pending = [m for m in extra if m.item_id not in seen]
+    own = np.array([similarity(m.value, spec.distance) for m in pending], dtype=np.float64)
+    mapped = _onto_serving_scale(session, user_id, serving, own, spec, files, q)
+    merged = serving + [
+        _Ranked(m, spec.model, spec.distance, "exact", float(score), float(raw))
+        for m, score, raw in zip(pending, mapped, own, strict=True)
     ]
-    scores = rrf_scores([[m.item_id for m, *_ in serving], [m.item_id for m, *_ in pending]])
-    merged = sorted(serving + pending, key=lambda r: (-scores[r[0].item_id], r[0].item_id))
+    merged.sort(key=lambda r: (-r.score, r.match.item_id))
     return merged[offset : offset + limit]
+
+
+def _onto_serving_scale(
+    session: Session,
+    user_id: str,
+    serving: list[_Ranked],
+    own: NDArray[np.float64],
+    spec: IndexSpec,
+    files: _ModelFiles,
+    q: NDArray[np.float32],
+) -> NDArray[np.float64]:
+    """First-pass similarities ``own`` mapped onto the serving model's scale through the
+    serving candidates (see ``_with_first_pass``)."""
+    ids = [r.match.embedding_id for r in serving if r.match.embedding_id is not None]
+    if not ids or not own.size:
+        return own
+    contents: dict[int, str] = {
+        row.id: row.content
+        for row in session.execute(
+            text("SELECT id, content FROM embedding WHERE id = ANY(:ids) AND user_id = :u"),
+            {"ids": ids, "u": user_id},
+        )
+    }
+    pairs = [
+        (contents[r.match.embedding_id], r.score)
+        for r in serving
+        if r.match.embedding_id in contents
+    ]
+    if not pairs:
+        return own
+    from worker.runtime import embedder_for_model
+
+    embedder = embedder_for_model(files.name, files.path, files.package)
+    vectors = np.asarray(embedder.encode([c for c, _ in pairs]), dtype=np.float32)
+    first_pass_side = np.array(
+        [similarity(_distance(v, q, spec.distance), spec.distance) for v in vectors]
+    )
+    xs = np.sort(first_pass_side.astype(np.float64))
+    ys = np.sort(np.array([score for _, score in pairs], dtype=np.float64))
+    mapped = np.interp(own, xs, ys)
+    above, below = own > xs[-1], own < xs[0]
+    mapped[above] = ys[-1] + (own[above] - xs[-1])
+    mapped[below] = ys[0] + (own[below] - xs[0])
+    return mapped
 
 
 # --- full text ------------------------------------------------------------------------------

@@ -130,8 +130,12 @@ def _write(
         # tens of milliseconds. Nothing else uses it yet, so this waits for no lock; only the
         # columns searches filter and join on (0.2 s).
         session.execute(text(f"ANALYZE {segment_table(segment)} (user_id, model, item_id)"))
+    # clock_timestamp(), not now(): the transaction began before the file was parsed.
     session.execute(
-        text("UPDATE import_job SET first_pass_at = now(), first_pass_model = :m WHERE id = :job"),
+        text(
+            "UPDATE import_job SET first_pass_at = clock_timestamp(), first_pass_model = :m "
+            "WHERE id = :job"
+        ),
         {"m": model.name, "job": job_id},
     )
     return written

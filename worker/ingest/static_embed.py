@@ -81,6 +81,7 @@ class StaticModelEmbedder(ModelTokenizer):
         self._model: Any = None
         self._table32: NDArray[np.float32] | None = None
         self._word_ids: dict[str, tuple[int, ...]] = {_TEXT_SEPARATOR: (-1,)}
+        self._words_lock = threading.Lock()
         self._bert: bool | None = None
         self._added_re: re.Pattern[str] | None = None
         self._lock = threading.Lock()
@@ -154,14 +155,15 @@ class StaticModelEmbedder(ModelTokenizer):
         out /= norms[:, None]
         return out
 
-    def _token_sums(self, texts: Sequence[str], table: NDArray[np.float32]) -> Any:
+    def _token_sums(self, texts: Sequence[str], table: NDArray[np.float32]) -> NDArray[np.float32]:
         """Each text's token vectors summed (the mean's direction, which is all a unit
         vector keeps), as one sparse (texts x vocabulary) product with the table.
 
-        The same vectors as ``StaticModel.encode`` (cosine 1 - 1e-6): the same character
-        cut, truncation and unknown-token removal. model2vec groups texts by token count and
-        averages a gathered (texts, tokens, dim) array per group, and gathers in float16:
-        1.8x slower over 100,000 bookmark texts; the tokenizer is most of what is left."""
+        The same tokens as ``StaticModel.encode``: the same character cut, truncation (unknown
+        tokens count towards it, then are dropped), so the same vectors to about 1e-6.
+        model2vec groups texts by token count and averages a gathered (texts, tokens, dim)
+        array per group, and gathers in float16: 1.8x slower over 100,000 bookmark texts;
+        the tokenizer is most of what is left."""
         cut = self.max_tokens * self.model.median_token_length
         texts = [t[:cut] for t in texts]
         out = np.zeros((len(texts), table.shape[1]), dtype=np.float32)
@@ -169,13 +171,36 @@ class StaticModelEmbedder(ModelTokenizer):
         plain_set = set(plain)
         others = [i for i in range(len(texts)) if i not in plain_set]
         if plain:
-            out[plain] = _sums(*self._word_pieces([texts[i] for i in plain]), table)
+            out[plain] = _sums(*self._kept(*self._word_pieces([texts[i] for i in plain])), table)
         if others:
-            ids = self.model.tokenize([texts[i] for i in others])
+            encodings = self.model.tokenizer.encode_batch_fast(
+                [texts[i] for i in others], add_special_tokens=False
+            )
+            ids = [e.ids for e in encodings]
             lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
             flat = np.fromiter(chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
-            out[others] = _sums(flat, lengths, table)
+            out[others] = _sums(*self._kept(flat, lengths), table)
         return out
+
+    def _kept(
+        self, flat: NDArray[np.int64], lengths: NDArray[np.int64]
+    ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+        """Each text's first ``max_tokens`` ids, then without the unknown token (model2vec
+        truncates in the tokenizer and drops unknowns afterwards)."""
+        limit = self.max_tokens
+        if lengths.size and lengths.max() > limit:
+            starts = np.cumsum(lengths) - lengths
+            position = np.arange(flat.size) - np.repeat(starts, lengths)
+            flat = flat[position < limit]
+            lengths = np.minimum(lengths, limit)
+        unknown = self.model.unk_token_id
+        if unknown is not None:
+            known = flat != unknown
+            if not known.all():
+                owner = np.repeat(np.arange(lengths.size), lengths)
+                lengths = np.bincount(owner[known], minlength=lengths.size).astype(np.int64)
+                flat = flat[known]
+        return flat, lengths
 
     def _splittable(self, text: str) -> bool:
         """Whether ``_word_pieces`` gives exactly what the tokenizer would for ``text``."""
@@ -186,9 +211,9 @@ class StaticModelEmbedder(ModelTokenizer):
         )
 
     def _word_pieces(self, texts: Sequence[str]) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
-        """The token ids of printable-ASCII texts (flat) and each text's count, as
-        ``StaticModel.tokenize`` gives them (unknown tokens dropped, truncated), with the
-        words split here and each distinct word cut into pieces once.
+        """The token ids of printable-ASCII texts (flat, unknown tokens included, not
+        truncated) and each text's count, with the words split here and each distinct word
+        cut into pieces by the tokenizer once.
 
         A BERT tokenizer (BertNormalizer + BertPreTokenizer + WordPiece, as models distilled
         from all-MiniLM-L6-v2 have) lowercases ASCII, splits it at whitespace, makes each
@@ -198,26 +223,22 @@ class StaticModelEmbedder(ModelTokenizer):
         CPU-seconds for 100,000 bookmark texts, most of a first pass. The texts are split as
         one string with a separator word, so that the per-word work stays in C."""
         words = _ASCII_WORDS.findall(_TEXT_SEPARATOR.join(texts).lower())
-        cache = self._word_ids
-        new = list(set(words) - cache.keys())
-        if new:
+        # The cache is the process's, and searches may encode queries from other threads.
+        with self._words_lock:
+            cache = self._word_ids
+            new = list(set(words) - cache.keys())
             if len(cache) + len(new) > _WORD_CACHE_MAX:
                 cache.clear()
                 cache[_TEXT_SEPARATOR] = (-1,)
                 new = list(set(words) - cache.keys())
-            cache.update(zip(new, map(tuple, self.model.tokenize(new)), strict=True))
-        marked = np.fromiter(chain.from_iterable(map(cache.__getitem__, words)), dtype=np.int64)
-        # One -1 between texts, and one after the last: text k ends at the k-th mark.
+            if new:
+                pieces = self.model.tokenizer.encode_batch_fast(new, add_special_tokens=False)
+                cache.update(zip(new, (tuple(p.ids) for p in pieces), strict=True))
+            marked = np.fromiter(chain.from_iterable(map(cache.__getitem__, words)), dtype=np.int64)
+        # A -1 between texts; text k ends at the k-th of them (the last at the end).
         marks = np.append(np.flatnonzero(marked == -1), marked.size)
         lengths = np.diff(marks, prepend=-1) - 1
-        flat = marked[marked != -1]
-        limit = self.max_tokens
-        if lengths.size and lengths.max() > limit:
-            starts = np.cumsum(lengths) - lengths
-            position = np.arange(flat.size) - np.repeat(starts, lengths)
-            flat = flat[position < limit]
-            lengths = np.minimum(lengths, limit)
-        return flat, lengths
+        return marked[marked != -1], lengths
 
     @property
     def _bert_words(self) -> bool:
@@ -231,12 +252,13 @@ class StaticModelEmbedder(ModelTokenizer):
                 and (config.get("pre_tokenizer") or {}).get("type") == "BertPreTokenizer"
                 and (config.get("model") or {}).get("type") == "WordPiece"
             )
-            # Added tokens ([CLS], [MASK], ...) are matched in the raw text before anything
+            # Added tokens ([PAD], [UNK], ...) are matched in the raw text before anything
             # else: a text holding one takes the slow path.
-            self._added = tuple(
-                str(t["content"]).lower()
-                for t in config.get("added_tokens") or []
-                if t.get("content")
+            added = [
+                str(t["content"]) for t in config.get("added_tokens") or [] if t.get("content")
+            ]
+            self._added_re = (
+                re.compile("|".join(map(re.escape, added)), re.IGNORECASE) if added else None
             )
         return self._bert
 
