@@ -27,6 +27,7 @@ import time
 from typing import Any
 
 from sqlalchemy import Connection, Engine, text
+from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.orm import Session
 
 from worker.db.engine import autocommit_session
@@ -70,6 +71,25 @@ def create_segment(session: Session, job_id: int) -> int:
         {"s": job_id},
     )
     return job_id
+
+
+def analyze_segment(engine: Engine, segment: int) -> bool:
+    """ANALYZE a segment's partition on the columns searches filter and join on."""
+    return analyze_quietly(engine, f"{segment_table(segment)} (user_id, model, item_id)")
+
+
+def analyze_quietly(engine: Engine, target: str) -> bool:
+    """``ANALYZE target`` in a transaction of its own. Statistics are a help, not a duty: a
+    lock held elsewhere (another ANALYZE, a VACUUM) makes it give up after a second rather
+    than hold up the caller, and a table dropped meanwhile is nothing to do. Returns whether
+    it ran. ``target`` is SQL: a table and its columns, never user input."""
+    try:
+        with autocommit_session(engine, lock_timeout="1s") as conn:
+            conn.execute(text(f"ANALYZE {target}"))
+    except (OperationalError, ProgrammingError) as exc:
+        log.info("ANALYZE %s skipped: %s", target, exc.orig or exc)
+        return False
+    return True
 
 
 def _segment_models(conn: Connection, segment: int) -> list[IndexSpec]:
