@@ -178,9 +178,23 @@ def measure_import(
         out["probe"] = probe
         out["hits"] = [(h.title, h.why.get("model"), round(h.score, 3)) for h in hits]
         if follow:
-            progress = client.wait_for_import(user, job, poll=1.0)
+            # A search every few seconds while the serving model's batches replace the
+            # stand-ins: the partition's contents shift under the planner all along.
+            latencies = []
+            while True:
+                progress = client.import_status(user, job)
+                if progress is None:
+                    raise RuntimeError(f"import job {job} vanished")
+                if progress.finished:
+                    break
+                with session_scope() as s:
+                    started = time.perf_counter()
+                    semantic_search(s, user, probe, limit=10)
+                    latencies.append((time.perf_counter() - started) * 1000)
+                time.sleep(5.0)
             out["done_s"] = time.perf_counter() - start
             out["status"] = progress.status
+            out["search_during_ms"] = sorted(latencies)
             with get_engine().connect() as conn:
                 out["stand_ins_left"] = conn.execute(
                     text("SELECT count(*) FROM embedding WHERE user_id = :u AND model = :m"),
@@ -229,6 +243,11 @@ def describe(ours: dict[str, Any], langchain_per_s: float) -> str:
         lines.append(
             f"the serving model's vectors all in after {ours['done_s']:.1f}s ({ours['status']});"
             f" first-pass rows left: {ours['stand_ins_left']}"
+        )
+        during = ours["search_during_ms"]
+        lines.append(
+            f"{len(during)} searches meanwhile: median {during[len(during) // 2]:.0f} ms, "
+            f"slowest {during[-1]:.0f} ms"
         )
     return "\n".join(lines)
 
