@@ -6,8 +6,9 @@ another checkout's servers."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine
 
@@ -23,6 +24,22 @@ def use_upload_root(root: Path) -> Settings:
     os.environ["UPLOAD_ROOT"] = str(root)
     get_settings.cache_clear()
     return get_settings()
+
+
+def worker_log_records(log_path: Path) -> Iterator[dict[str, Any]]:
+    """The JSON records of a benchmark worker's log (LOG_FORMAT=json); other lines (Celery's
+    own banner, a torn last line) are passed over."""
+    import json
+
+    for line in log_path.read_text(errors="replace").splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            yield record
 
 
 def keep_worker_log(log_path: Path, label: str) -> None:

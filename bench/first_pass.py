@@ -30,6 +30,7 @@ from bench._db import (
     fresh_plain_database,
     keep_worker_log,
     use_upload_root,
+    worker_log_records,
 )
 from bench.import_bookmarks import bookmark_texts, generate_export
 
@@ -58,6 +59,7 @@ def langchain_rate(python: Path, texts: list[str], workdir: Path) -> dict[str, A
     """LangChain's texts/s adding ``texts`` (bench.peer_langchain, its own fresh database)."""
     from bench.peers import run_peer
     from worker.config import get_settings
+    from worker.ingest.embed import default_model_path
 
     corpus = workdir / "first-pass-corpus.json"
     corpus.write_text(json.dumps({"bookmarks": {"docs": [{"chunks": [t]} for t in texts]}}))
@@ -73,7 +75,7 @@ def langchain_rate(python: Path, texts: list[str], workdir: Path) -> dict[str, A
                 "--kind",
                 "bookmarks",
                 "--model-path",
-                get_settings().model_path or _default_model_path(),
+                get_settings().model_path or default_model_path(),
                 "--threads",
                 str(os.cpu_count() or 1),  # one process on every core, as bench.peers runs it
                 "--dsn",
@@ -90,21 +92,9 @@ def langchain_rate(python: Path, texts: list[str], workdir: Path) -> dict[str, A
     }
 
 
-def _default_model_path() -> str:
-    from worker.ingest.embed import default_model_path
-
-    return default_model_path()
-
-
 def _job_durations(log_path: Path, job_id: int) -> dict[str, float]:
     """The import job's staged line: its stages in seconds (JSON logs)."""
-    for line in log_path.read_text(errors="replace").splitlines():
-        if not line.startswith("{"):
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
+    for record in worker_log_records(log_path):
         if f"import job {job_id} staged" in str(record.get("msg", "")):
             return {k: float(v) / 1000 for k, v in (record.get("durations_ms") or {}).items()}
     return {}

@@ -22,7 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench._db import drop_database, fresh_database, keep_worker_log, use_upload_root
+from bench._db import (
+    drop_database,
+    fresh_database,
+    keep_worker_log,
+    use_upload_root,
+    worker_log_records,
+)
 
 DB_NAME = "bench_import"
 WORDS = [
@@ -177,16 +183,8 @@ def add_background(rows: int, dimensions: int = 384, seed: int = 3) -> None:
 
 def _batch_stages(log_path: Path) -> dict[str, float]:
     """Seconds per stage summed over the worker's bookmark-batch lines (JSON logs)."""
-    import json
-
     totals: dict[str, float] = {}
-    for line in log_path.read_text(errors="replace").splitlines():
-        if not line.startswith("{"):
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
+    for record in worker_log_records(log_path):
         if "bookmark batch" not in str(record.get("msg", "")):
             continue
         for stage, ms in (record.get("durations_ms") or {}).items():

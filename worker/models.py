@@ -179,17 +179,17 @@ def add_model(
                     "another first-pass model was added meanwhile: see `worker models list`"
                 ) from exc
             raise
+        added = {
+            "model": name,
+            "kind": kind,
+            "files": where,
+            "dimensions": dims,
+            "distance": distance,
+            "load_seconds": load_s,
+        }
         if first_pass:
             log.info("model %s added (%s, %s dims) as the first-pass model", name, kind, dims)
-            return {
-                "model": name,
-                "kind": kind,
-                "files": where,
-                "dimensions": dims,
-                "distance": distance,
-                "state": "first_pass",
-                "load_seconds": load_s,
-            }
+            return {**added, "state": "first_pass"}
         job_id = s.execute(
             text(
                 "INSERT INTO backfill_job (model_id, source_model, passes) "
@@ -202,18 +202,13 @@ def add_model(
     send_job(send or _default_send, settings, job_id, staged.batch_ids)
     log.info("model %s added (%s, %s dims): backfill job %s", name, kind, dims, job_id)
     return {
-        "model": name,
-        "kind": kind,
-        "files": where,
-        "dimensions": dims,
-        "distance": distance,
+        **added,
         "index_kind": index_kind,
         "source_model": source,
         "job_id": job_id,
         "batches": len(staged.batch_ids),
         "items": staged.items,
         "rows": staged.rows,
-        "load_seconds": load_s,
     }
 
 

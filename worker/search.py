@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
@@ -38,6 +38,9 @@ from worker.config import get_settings
 from worker.db.engine import declare_user
 from worker.db.indexes import OPERATORS, IndexSpec, model_predicate, vector_expr
 from worker.db.models import TS_CONFIG
+
+if TYPE_CHECKING:
+    from worker.ingest.types import Embedder
 
 Mode = Literal["hybrid", "semantic", "text"]
 # What the embedder returns (an array) or any list of floats.
@@ -253,10 +256,12 @@ class _ModelFiles:
 
 
 def _model_and_tenant(
-    session: Session, user_id: str, model: str | None, cap: int
-) -> tuple[IndexSpec, int, _ModelFiles]:
+    session: Session, user_id: str, model: str | None, cap: int, *, first_pass: bool
+) -> tuple[IndexSpec, int, _ModelFiles, str | None]:
     """The model's index facts and the tenant's vector count for it, in one round trip;
-    ``model`` None means the serving model (``embedding_model.serving``).
+    ``model`` None means the serving model (``embedding_model.serving``). With
+    ``first_pass``, also the name of the first-pass model when this tenant has rows of it (an
+    import awaiting the serving model's vectors; one index probe), else None.
 
     The count stops at ``cap``: the plan only needs to know which side of the threshold the
     tenant is on, so a huge tenant costs no more than the threshold (an index-only scan of
@@ -267,17 +272,20 @@ def _model_and_tenant(
             "SELECT m.name, m.dimensions, m.distance, m.index_kind, m.index_precision, "
             "m.index_params, m.path, m.package, "
             "(SELECT count(*) FROM (SELECT 1 FROM embedding e WHERE e.user_id = :user_id "
-            "AND e.model = m.name LIMIT :cap) t) AS tenant_rows "
+            "AND e.model = m.name LIMIT :cap) t) AS tenant_rows, "
+            "(SELECT fp.name FROM embedding_model fp WHERE :first_pass "
+            "AND fp.state = 'first_pass' AND EXISTS (SELECT 1 FROM embedding e "
+            "WHERE e.user_id = :user_id AND e.model = fp.name)) AS first_pass "
             f"FROM embedding_model m WHERE {which}"
         ),
-        {"name": model, "user_id": user_id, "cap": cap},
+        {"name": model, "user_id": user_id, "cap": cap, "first_pass": first_pass},
     ).first()
     if row is None:
         if model is None:
             raise ValueError("no serving embedding model: see `worker models list`")
         raise ValueError(f"unknown embedding model {model!r} (no embedding_model row)")
     files = _ModelFiles(row.name, row.path, row.package)
-    return IndexSpec.from_row(row), int(row.tenant_rows), files
+    return IndexSpec.from_row(row), int(row.tenant_rows), files, row.first_pass
 
 
 def _query_vector(
@@ -298,14 +306,18 @@ def _query_vector(
     return q
 
 
-def _encode(query: str, files: _ModelFiles) -> NDArray[np.float32]:
-    """The query encoded by the model whose vectors are searched (cached per process)."""
+def _embedder(files: _ModelFiles) -> Embedder:
+    """The model's embedder (cached per process)."""
     # Imported here: loading a transformer pulls in torch (seconds, hundreds of MiB), which
     # callers that pass a vector must never pay.
     from worker.runtime import embedder_for_model
 
-    embedder = embedder_for_model(files.name, files.path, files.package)
-    return np.asarray(embedder.encode([query])[0], dtype=np.float32)
+    return embedder_for_model(files.name, files.path, files.package)
+
+
+def _encode(query: str, files: _ModelFiles) -> NDArray[np.float32]:
+    """The query encoded by the model whose vectors are searched."""
+    return np.asarray(_embedder(files).encode([query])[0], dtype=np.float32)
 
 
 def _distance(v: NDArray[np.float32], q: NDArray[np.float32], metric: str) -> float:
@@ -480,16 +492,18 @@ def semantic_search(
     declare_user(session, user_id)
     settings = get_settings()
     threshold = settings.exact_search_max_rows if exact_threshold is None else exact_threshold
-    spec, rows, files = _model_and_tenant(session, user_id, model, threshold + 1)
+    # Bookmarks of an import still being embedded by the serving model may have only the
+    # first-pass model's vectors (worker.bookmarks.first_pass): rank those too. A vector
+    # given by the caller is in the serving model's space, so it cannot search them.
+    spec, rows, files, pending = _model_and_tenant(
+        session, user_id, model, threshold + 1, first_pass=model is None and vector is None
+    )
     q = _query_vector(query, vector, spec, files)
     metric = distance or spec.distance
     if metric not in OPERATORS:
         raise ValueError(f"unknown distance {metric!r}: use cosine, l2 or ip")
     use_index = metric == spec.distance and rows > threshold
-    # Bookmarks of an import still being embedded by the serving model may have only the
-    # first-pass model's vectors (worker.bookmarks.first_pass): rank those too. A vector
-    # given by the caller is in the serving model's space, so it cannot search them.
-    first_pass = _pending_first_pass(session, user_id) if model is None and vector is None else None
+    first_pass = _first_pass_model(session, pending) if pending is not None else None
     # With a second list, both are fetched from the top and the page is cut after merging.
     page_limit, page_offset = (limit, offset) if first_pass is None else (offset + limit, 0)
     if use_index:
@@ -536,20 +550,16 @@ class _Ranked:
     first_pass: float | None = None  # a stand-in's own similarity, by the first-pass model
 
 
-def _pending_first_pass(session: Session, user_id: str) -> tuple[IndexSpec, _ModelFiles] | None:
-    """The first-pass model, when this user has rows of it (an import awaiting the serving
-    model's vectors); None otherwise, which is one index probe."""
+def _first_pass_model(session: Session, name: str) -> tuple[IndexSpec, _ModelFiles]:
+    """The first-pass model's index facts and files (read only while a tenant has rows of
+    it: the usual search pays no second round trip)."""
     row = session.execute(
         text(
-            "SELECT m.name, m.dimensions, m.distance, m.index_kind, m.index_precision, "
-            "m.index_params, m.path, m.package FROM embedding_model m "
-            "WHERE m.state = 'first_pass' AND EXISTS (SELECT 1 FROM embedding e "
-            "WHERE e.user_id = :user_id AND e.model = m.name)"
+            "SELECT name, dimensions, distance, index_kind, index_precision, index_params, "
+            "path, package FROM embedding_model WHERE name = :name"
         ),
-        {"user_id": user_id},
-    ).first()
-    if row is None:
-        return None
+        {"name": name},
+    ).one()
     return IndexSpec.from_row(row), _ModelFiles(row.name, row.path, row.package)
 
 
@@ -620,10 +630,7 @@ def _onto_serving_scale(
     ]
     if not pairs:
         return own
-    from worker.runtime import embedder_for_model
-
-    embedder = embedder_for_model(files.name, files.path, files.package)
-    vectors = np.asarray(embedder.encode([c for c, _ in pairs]), dtype=np.float32)
+    vectors = np.asarray(_embedder(files).encode([c for c, _ in pairs]), dtype=np.float32)
     first_pass_side = np.array(
         [similarity(_distance(v, q, spec.distance), spec.distance) for v in vectors]
     )

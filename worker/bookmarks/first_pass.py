@@ -30,6 +30,7 @@ from numpy.typing import NDArray
 from sqlalchemy import Connection, text
 from sqlalchemy.orm import Session
 
+from worker.bookmarks.segments import SEARCHED_COLUMNS
 from worker.config import Settings
 from worker.db.indexes import segment_table
 from worker.ingest.store import copy_bare_vectors, psycopg_connection, writable_models
@@ -129,7 +130,8 @@ def _write(
         # empty and searched it with a nested loop, 4 minutes for 100,000 rows instead of
         # tens of milliseconds. Nothing else uses it yet, so this waits for no lock; only the
         # columns searches filter and join on (0.2 s).
-        session.execute(text(f"ANALYZE {segment_table(segment)} (user_id, model, item_id)"))
+        columns = ", ".join(SEARCHED_COLUMNS)
+        session.execute(text(f"ANALYZE {segment_table(segment)} ({columns})"))
     # clock_timestamp(), not now(): the transaction began before the file was parsed.
     session.execute(
         text(

@@ -768,7 +768,7 @@ def parse_and_stage(engine: Engine, settings: Settings, claim: JobClaim) -> None
         # Thousands of new items of one user: until autovacuum gets to it, the planner would
         # take the user for a small one and join the items first when searching.
         with watch.stage("analyze"):
-            segments.analyze_quietly(engine, "item (user_id, deleted_at)")
+            segments.analyze_quietly(engine, "item", ("user_id", "deleted_at"))
     watch.ms["parse"] = round(reader.parse_seconds * 1000, 2)
     _job_line(claim.job_id, "staged", watch, summary)
     metrics.bookmarks({"duplicate": summary["duplicates"], "skipped": summary["skipped"]})

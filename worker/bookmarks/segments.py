@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import Connection, Engine, text
@@ -73,23 +74,28 @@ def create_segment(session: Session, job_id: int) -> int:
     return job_id
 
 
+# The columns of a segment that searches filter and join on: the only ones worth the
+# statistics while it is being filled (sampling the vectors is most of a full ANALYZE).
+SEARCHED_COLUMNS = ("user_id", "model", "item_id")
+
+
 def analyze_segment(engine: Engine, segment: int) -> bool:
-    """ANALYZE a segment's partition on the columns searches filter and join on."""
-    return analyze_quietly(engine, f"{segment_table(segment)} (user_id, model, item_id)")
+    """ANALYZE a segment's partition on ``SEARCHED_COLUMNS``."""
+    return analyze_quietly(engine, segment_table(segment), SEARCHED_COLUMNS)
 
 
-def analyze_quietly(engine: Engine, target: str) -> bool:
-    """``ANALYZE target`` in a transaction of its own. Statistics are a help, not a duty: a
-    lock held elsewhere (another ANALYZE, a VACUUM) makes it give up after a second rather
-    than hold up the caller, and a table dropped meanwhile is nothing to do. Returns whether
-    it ran. ``target`` is SQL: a table and its columns, never user input."""
+def analyze_quietly(engine: Engine, table: str, columns: Sequence[str]) -> bool:
+    """``maintenance.vacuum.analyze_tables`` (SKIP_LOCKED) during an import, where
+    statistics are a help, not a duty: a table dropped meanwhile (a cancelled import's
+    segment) is logged, not raised into the batch that has just committed. Returns whether
+    it ran."""
+    from worker.maintenance.vacuum import analyze_tables  # it imports this module
+
     try:
-        with autocommit_session(engine, lock_timeout="1s") as conn:
-            conn.execute(text(f"ANALYZE {target}"))
+        return bool(analyze_tables(engine, [table], columns=columns)["analyzed"])
     except (OperationalError, ProgrammingError) as exc:
-        log.info("ANALYZE %s skipped: %s", target, exc.orig or exc)
+        log.info("ANALYZE %s skipped: %s", table, exc.orig or exc)
         return False
-    return True
 
 
 def _segment_models(conn: Connection, segment: int) -> list[IndexSpec]:

@@ -96,11 +96,15 @@ def run_vacuum(
         return {"skipped": False, "run_id": run.id, "dry_run": dry_run, "tables": tables}
 
 
-def analyze_tables(engine: Engine, tables: Sequence[str]) -> dict[str, Any]:
+def analyze_tables(
+    engine: Engine, tables: Sequence[str], *, columns: Sequence[str] = ()
+) -> dict[str, Any]:
     """ANALYZE right after a bulk import, so the planner knows the new rows before autovacuum
     notices them. SKIP_LOCKED: a VACUUM (ANALYZE) already running on a table does the same
     work, and waiting for it would hold up the import's last step. Not recorded as a run:
-    it is part of the import, and cheap."""
+    it is part of the import, and cheap. ``columns``: only these (of every table), when
+    only they are filtered and joined on and the others (vectors) cost the most to sample."""
+    column_list = f" ({', '.join(columns)})" if columns else ""
     with engine.connect() as conn:
         known = table_stats(conn, list(tables))
     done: list[str] = []
@@ -108,7 +112,7 @@ def analyze_tables(engine: Engine, tables: Sequence[str]) -> dict[str, Any]:
     with autocommit_session(engine, statement_timeout=0) as conn:
         for name in tables:
             if name in known:
-                conn.execute(text(f"ANALYZE (SKIP_LOCKED) {known[name]['qualified']}"))
+                conn.execute(text(f"ANALYZE (SKIP_LOCKED) {known[name]['qualified']}{column_list}"))
                 done.append(name)
     unknown = [t for t in tables if t not in known]
     if unknown:
