@@ -113,6 +113,19 @@ class Settings(BaseSettings):
         pattern=r"^(cpu|cuda(:[0-9]+)?|mps)$",
         description="torch device of the transformer model: cpu, cuda, cuda:N or mps.",
     )
+    upload_group_items: int = Field(
+        16,
+        ge=1,
+        le=256,
+        description="Queued uploads of the same user one task takes together, so that their "
+        "chunks are encoded in shared batches (1: one upload per task).",
+    )
+    upload_group_bytes: int = Field(
+        2 * 1024 * 1024,
+        ge=1,
+        description="Bytes of files a group may add to its first upload: bounds the group's "
+        "time (2 MiB of text is about a minute of encoding on one core).",
+    )
     chunk_max_tokens: int = Field(254, ge=16, description="Tokens per chunk (model max - 2).")
     chunk_overlap_tokens: int = Field(32, ge=0, description="Tokens repeated between chunks.")
     analysis_provider: Literal["local", "openai", "off"] = Field(

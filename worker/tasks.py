@@ -162,7 +162,14 @@ def process_upload(self: Task, item_id: int) -> dict[str, Any]:
         return run_guarded(
             self,
             f"item {item_id}",
-            lambda: process.process_upload(item_id, trace_id=self.request.id).as_dict(),
+            lambda: process.process_upload(
+                item_id,
+                trace_id=self.request.id,
+                # An adopted item this group could not finish goes back to the queue.
+                resend=lambda adopted: send_after_commit(
+                    TASK_PROCESS_UPLOAD, get_settings().queue_ingest, adopted
+                ),
+            ).as_dict(),
             lambda message: store.fail_item(engine, item_id, message),
         )
 

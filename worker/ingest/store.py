@@ -10,7 +10,8 @@ transaction. A crash at any point leaves the old complete state or the new one.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -78,31 +79,64 @@ class Claim:
     last: LastResult | None = None
 
 
-_CLAIM_SELECT = (
-    "SELECT i.user_id, i.status, i.attempts, i.deleted_at, i.content_sha256, u.file_path, "
-    "(SELECT json_agg(json_build_object('name', m.name, 'dimensions', m.dimensions, "
-    "'path', m.path, 'package', m.package, 'serving', m.serving) ORDER BY m.id) "
-    "FROM embedding_model m WHERE m.state IN ('active', 'backfilling')) AS models, "
-    # Only an item processed before can be unchanged (an untaken CASE branch runs nothing).
-    "CASE WHEN i.content_sha256 IS NOT NULL THEN (SELECT json_build_object("
-    "'provider', a.provider, 'model', a.model, 'sha', a.content_sha256, "
-    "'models', ARRAY(SELECT DISTINCT e.model FROM embedding e "
-    "WHERE e.item_id = i.id AND e.user_id = i.user_id)) "
-    "FROM analysis a WHERE a.item_id = i.id AND a.user_id = i.user_id "
-    "ORDER BY a.version DESC LIMIT 1) END AS last "
-    "FROM item i JOIN upload u ON u.item_id = i.id "
-    "WHERE i.id = :id AND i.kind = 'upload' FOR UPDATE OF i"
+def _claim_select(where: str) -> str:
+    """The rows a claim reads, locked: the item and its upload, the models new items are
+    embedded with, and what its last processing left (to tell an unchanged re-upload)."""
+    return (
+        "SELECT i.id, i.user_id, i.status, i.attempts, i.deleted_at, i.content_sha256, "
+        "u.file_path, "
+        "(SELECT json_agg(json_build_object('name', m.name, 'dimensions', m.dimensions, "
+        "'path', m.path, 'package', m.package, 'serving', m.serving) ORDER BY m.id) "
+        "FROM embedding_model m WHERE m.state IN ('active', 'backfilling')) AS models, "
+        # Only an item processed before can be unchanged (an untaken CASE branch runs nothing).
+        "CASE WHEN i.content_sha256 IS NOT NULL THEN (SELECT json_build_object("
+        "'provider', a.provider, 'model', a.model, 'sha', a.content_sha256, "
+        "'models', ARRAY(SELECT DISTINCT e.model FROM embedding e "
+        "WHERE e.item_id = i.id AND e.user_id = i.user_id)) "
+        "FROM analysis a WHERE a.item_id = i.id AND a.user_id = i.user_id "
+        "ORDER BY a.version DESC LIMIT 1) END AS last "
+        f"FROM item i JOIN upload u ON u.item_id = i.id WHERE {where} AND i.kind = 'upload' "
+        "FOR UPDATE OF i"
+    )
+
+
+_CLAIM_SELECT = _claim_select("i.id = :id")
+_CLAIM_UPDATE = (
+    "UPDATE item SET status = 'processing', attempts = attempts + 1, "
+    "claimed_at = clock_timestamp(), updated_at = now() WHERE id = ANY(:ids) "
+    "RETURNING id, attempts, claimed_at"
 )
+# An upload that a group holds (see ``adopted_uploads``): a session-level advisory lock per
+# item on the group's own connection, so that it goes the moment that worker dies.
+_GROUP_LOCK = "hashtextextended('upload:' || {}, 0)"
 
 
 @dataclass(frozen=True)
 class ClaimResult:
     """``claim`` is set when this worker now owns the item; otherwise ``reason`` says why
     not: 'missing' (no such item), 'finished' (done/failed/skipped/deleted: a redelivered
-    message), 'exhausted' (too many attempts: now failed)."""
+    message), 'exhausted' (too many attempts: now failed), 'adopted' (a live worker is
+    processing it in a group: this message is not needed)."""
 
     claim: Claim | None
     reason: str | None = None
+    user_id: str | None = None  # of an adopted or finished item, for the log line
+
+
+def _claim_of(row: Any, attempt: int, claimed_at: datetime) -> Claim:
+    last = row.last
+    return Claim(
+        row.id,
+        row.user_id,
+        attempt,
+        claimed_at,
+        row.file_path,
+        row.content_sha256,
+        models=tuple(ModelRow(**m) for m in row.models or ()),
+        last=LastResult(last["provider"], last["model"], last["sha"], frozenset(last["models"]))
+        if last
+        else None,
+    )
 
 
 def claim_upload(engine: Engine, item_id: int, *, max_attempts: int) -> ClaimResult:
@@ -111,7 +145,15 @@ def claim_upload(engine: Engine, item_id: int, *, max_attempts: int) -> ClaimRes
         if row is None:
             return ClaimResult(None, "missing")
         if row.deleted_at is not None or row.status not in ("queued", "processing"):
-            return ClaimResult(None, "finished")
+            return ClaimResult(None, "finished", row.user_id)
+        if (
+            row.status == "processing"
+            and not s.execute(
+                text(f"SELECT pg_try_advisory_xact_lock({_GROUP_LOCK.format(':id')})"),
+                {"id": item_id},
+            ).scalar_one()
+        ):
+            return ClaimResult(None, "adopted", row.user_id)
         if row.attempts >= max_attempts:
             _set_failed(
                 s,
@@ -121,31 +163,91 @@ def claim_upload(engine: Engine, item_id: int, *, max_attempts: int) -> ClaimRes
                 "time); check the worker logs, then `worker retry` the item",
             )
             return ClaimResult(None, "exhausted")
-        attempt, claimed_at = s.execute(
+        _, attempt, claimed_at = s.execute(text(_CLAIM_UPDATE), {"ids": [item_id]}).one()
+        return ClaimResult(_claim_of(row, attempt, claimed_at))
+
+
+@contextmanager
+def adopted_uploads(
+    engine: Engine, claim: Claim, *, limit: int, max_bytes: int, max_attempts: int
+) -> Iterator[list[Claim]]:
+    """Claim up to ``limit`` more queued uploads of ``claim``'s user (at most ``max_bytes`` of
+    files in all), so that one task encodes their chunks in shared batches: a document's few
+    chunks make small batches padded to their longest (README, bench.ingest_uploads).
+
+    Each adopted item is claimed as its own message would claim it (attempts + 1), under a
+    session advisory lock held on a connection of its own until the block ends. The item's
+    message, when it comes meanwhile, sees the lock and is acknowledged as 'adopted'. If this
+    worker dies, its connection closes and the locks go with it: a message still queued
+    claims the item as usual, and one already acknowledged is sent again by the requeue task
+    (the row stays ``processing``): nothing is lost."""
+    if limit < 1:
+        yield []
+        return
+    with engine.connect() as conn:
+        try:
+            with conn.begin():
+                claims = _adopt(conn, claim, limit, max_bytes, max_attempts)
+            yield claims
+        finally:
+            try:
+                conn.execute(text("SELECT pg_advisory_unlock_all()"))
+                conn.commit()
+            except Exception:  # the connection broke: the server dropped its locks with it
+                conn.invalidate()
+
+
+def _adopt(
+    conn: Connection, claim: Claim, limit: int, max_bytes: int, max_attempts: int
+) -> list[Claim]:
+    candidates = conn.execute(
+        text(
+            "SELECT i.id, coalesce(u.file_size, 0) AS size FROM item i "
+            "JOIN upload u ON u.item_id = i.id WHERE i.user_id = :user AND i.kind = 'upload' "
+            "AND i.status = 'queued' AND i.deleted_at IS NULL AND i.attempts < :max "
+            "AND i.id <> :id ORDER BY i.id LIMIT :limit FOR UPDATE OF i SKIP LOCKED"
+        ),
+        {"user": claim.user_id, "max": max_attempts, "id": claim.item_id, "limit": limit},
+    ).all()
+    picked: list[int] = []
+    total = 0
+    for item_id, size in candidates:
+        total += size
+        if total > max_bytes:
+            break
+        picked.append(item_id)
+    locked = list(
+        conn.execute(
             text(
-                "UPDATE item SET status = 'processing', attempts = attempts + 1, "
-                "claimed_at = clock_timestamp(), updated_at = now() WHERE id = :id "
-                "RETURNING attempts, claimed_at"
+                "SELECT id FROM unnest(CAST(:ids AS bigint[])) AS id "
+                f"WHERE pg_try_advisory_lock({_GROUP_LOCK.format('id')})"
             ),
-            {"id": item_id},
-        ).one()
-        last = row.last
-        return ClaimResult(
-            Claim(
-                item_id,
-                row.user_id,
-                attempt,
-                claimed_at,
-                row.file_path,
-                row.content_sha256,
-                models=tuple(ModelRow(**m) for m in row.models or ()),
-                last=LastResult(
-                    last["provider"], last["model"], last["sha"], frozenset(last["models"])
+            {"ids": picked},
+        ).scalars()
+    )
+    if not locked:
+        return []
+    rows = {r.id: r for r in conn.execute(text(_claim_select("i.id = ANY(:ids)")), {"ids": locked})}
+    claimed = conn.execute(text(_CLAIM_UPDATE), {"ids": locked}).all()
+    return sorted(
+        (_claim_of(rows[item_id], attempt, at) for item_id, attempt, at in claimed),
+        key=lambda c: c.item_id,
+    )
+
+
+def release_claims(engine: Engine, claims: Iterable[Claim]) -> list[int]:
+    """Put adopted items back in ``queued`` (their attempts kept) when their group could not
+    finish them; returns the ids whose claim still held, for the caller to send again."""
+    released = []
+    with session_scope(engine) as s:
+        for claim in claims:
+            if _lock_if_claimed(s, claim):
+                s.execute(
+                    text("UPDATE item SET status = 'queued', updated_at = now() WHERE id = :id"),
+                    {"id": claim.item_id},
                 )
-                if last
-                else None,
-            )
-        )
+                released.append(claim.item_id)
+    return released
 
 
 def _lock_if_claimed(s: Session, claim: Claim) -> bool:

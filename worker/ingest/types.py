@@ -53,9 +53,6 @@ class AnalysisResult:
     model: str
     raw_response: dict[str, Any] = field(default_factory=dict)
     title: str = ""
-    # The vector of title_summary_text(title, summary), when the analyzer already encoded it
-    # alongside its keyword candidates (one model call instead of two).
-    title_summary_vector: NDArray[np.float32] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
