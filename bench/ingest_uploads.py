@@ -62,8 +62,9 @@ def in_process_stages(paths: list[Path], root: Path) -> dict[str, float]:
     every core, like the ceiling)."""
     from bench._ceiling import encode_seconds
     from worker.config import get_settings
+    from worker.ingest.analyze import LocalAnalyzer
     from worker.ingest.chunk import chunk_document
-    from worker.ingest.embed import encode_chunks, title_summary_text
+    from worker.ingest.embed import title_summary_text
     from worker.ingest.parse import parse
     from worker.ingest.process import analyzer_for
     from worker.ingest.sources import load_source
@@ -72,7 +73,7 @@ def in_process_stages(paths: list[Path], root: Path) -> dict[str, float]:
     settings = get_settings()
     embedder = default_embedder()
     analyzer = analyzer_for(settings.model_copy(update={"analysis_provider": "local"}), embedder)
-    assert analyzer is not None
+    assert isinstance(analyzer, LocalAnalyzer)
     embedder.encode(["warm up the model"] * 8)
     docs = []
     for path in paths:
@@ -80,23 +81,30 @@ def in_process_stages(paths: list[Path], root: Path) -> dict[str, float]:
         docs.append((doc, chunk_document(doc, embedder, max_tokens=settings.chunk_max_tokens)))
     all_chunks = [c.text for _, chunks in docs for c in chunks]
     encode_all = encode_seconds(embedder, all_chunks)
+    # As the worker does it: documents in groups of UPLOAD_GROUP_ITEMS, every group's chunks
+    # in one encode, its keyword candidates in one, then each analysis, then the group's
+    # title+summary texts in one encode (that vector is the pipeline's with or without
+    # analysis: embedding, not analysis).
     embed_s = analyse_s = 0.0
-    for doc, chunks in docs:
+    size = settings.upload_group_items
+    for group in (docs[i : i + size] for i in range(0, len(docs), size)):
         t0 = time.perf_counter()
-        vectors = encode_chunks(embedder, chunks)
+        vectors = embedder.encode([c.text for _, chunks in group for c in chunks])
         t1 = time.perf_counter()
-        result = analyzer.analyze(doc, chunks, vectors)
+        analyzer.prefetch(group)
+        results, at = [], 0
+        for doc, chunks in group:
+            results.append(analyzer.analyze(doc, chunks, vectors[at : at + len(chunks)]))
+            at += len(chunks)
         t2 = time.perf_counter()
-        # The title+summary vector is the pipeline's with or without analysis (the
-        # worker encodes it with the other items' of its group): embedding, not analysis.
-        embedder.encode([title_summary_text(result.title, result.summary)])
+        embedder.encode([title_summary_text(r.title, r.summary) for r in results])
         t3 = time.perf_counter()
         embed_s += (t1 - t0) + (t3 - t2)
         analyse_s += t2 - t1
     return {
         "chunks": len(all_chunks),
         "encode_all_s": encode_all,
-        "embed_per_doc_s": embed_s,
+        "embed_grouped_s": embed_s,
         "analyse_s": analyse_s,
     }
 
@@ -165,9 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     for label, seconds in (("analysis on ", e2e_on), ("analysis off", e2e_off)):
         rate = chunks / seconds
         print(f"end to end, {label}: {rate:.1f} chunks/s = {rate / ceiling:.3f} x encode")
-    share = stages["analyse_s"] / stages["embed_per_doc_s"]
+    share = stages["analyse_s"] / stages["embed_grouped_s"]
     print(
-        f"analysis: {stages['analyse_s']:.2f}s against {stages['embed_per_doc_s']:.2f}s of "
+        f"analysis: {stages['analyse_s']:.2f}s against {stages['embed_grouped_s']:.2f}s of "
         f"embedding = {100 * share:.1f} % of the embed stage (target <= 15 %)"
     )
     return 0

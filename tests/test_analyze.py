@@ -31,7 +31,6 @@ from worker.ingest.analyze import (
 from worker.ingest.chunk import chunk_document
 from worker.ingest.embed import (
     SentenceTransformerEmbedder,
-    encode_chunks,
     get_embedder,
 )
 from worker.ingest.fake import HashEmbedder
@@ -86,7 +85,7 @@ def local(embedder: SentenceTransformerEmbedder) -> LocalAnalyzer:
 
 def run_local(analyzer: LocalAnalyzer, embedder: Embedder, doc: Document) -> Any:
     chunks = chunk_document(doc, embedder)
-    return analyzer.analyze(doc, chunks, encode_chunks(embedder, chunks), trace_id="t-1")
+    return analyzer.analyze(doc, chunks, embedder.encode([c.text for c in chunks]), trace_id="t-1")
 
 
 # --- local analyzer with the real model -----------------------------------------------------
@@ -150,7 +149,7 @@ def test_analysis_costs_little_beside_embedding(
     doc = Document(python_docs())
     chunks = chunk_document(doc, embedder)
     started = time.perf_counter()
-    vectors = encode_chunks(embedder, chunks)
+    vectors = embedder.encode([c.text for c in chunks])
     embed_ms = (time.perf_counter() - started) * 1000
     started = time.perf_counter()
     result = analyzer.analyze(doc, chunks, vectors)
@@ -178,12 +177,34 @@ def test_empty_document_gives_empty_fields() -> None:
     assert result.word_count == 0
 
 
+def test_prefetch_encodes_a_groups_candidates_in_one_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(analyze, "PHRASE_CACHE", analyze.PhraseVectorCache())
+    embedder = HashEmbedder()
+    analyzer = LocalAnalyzer(embedder)
+    analyzer.warm_up()  # the label prompts
+    docs = [Document(FOOTBALL), Document(topics["assert"]), Document(topics["for"])]
+    group = [(d, chunk_document(d, embedder)) for d in docs]
+    calls: list[int] = []
+    encode = embedder.encode
+    monkeypatch.setattr(embedder, "encode", lambda texts: calls.append(len(texts)) or encode(texts))
+    assert analyzer.prefetch(group) > 0 and len(calls) == 1
+    results = [analyzer.analyze(d, c, encode([x.text for x in c])) for d, c in group]
+    assert len(calls) == 1  # every analysis found its candidates in the cache
+    assert all(r.raw_response["keywords"]["encoded"] == 0 and r.keywords for r in results)
+    # The same keywords as without the prefetch.
+    monkeypatch.setattr(analyze, "PHRASE_CACHE", analyze.PhraseVectorCache())
+    alone = [analyzer.analyze(d, c, encode([x.text for x in c])).keywords for d, c in group]
+    assert [r.keywords for r in results] == alone
+
+
 def test_keyword_vectors_are_cached() -> None:
     embedder = HashEmbedder()
     analyzer = LocalAnalyzer(embedder)
     doc = Document(FOOTBALL)
     chunks = chunk_document(doc, embedder)
-    vectors = encode_chunks(embedder, chunks)
+    vectors = embedder.encode([c.text for c in chunks])
     first = analyzer.analyze(doc, chunks, vectors)
     assert first.raw_response["keywords"]["encoded"] > 0
     before = embedder.encoded_texts
@@ -305,7 +326,7 @@ def analyze_football(analyzer: OpenAICompatibleAnalyzer) -> Any:
     embedder = analyzer.fallback.embedder
     doc = Document(FOOTBALL)
     chunks = chunk_document(doc, embedder)
-    return analyzer.analyze(doc, chunks, encode_chunks(embedder, chunks), trace_id="t-9")
+    return analyzer.analyze(doc, chunks, embedder.encode([c.text for c in chunks]), trace_id="t-9")
 
 
 def test_valid_reply_is_used(remote: OpenAICompatibleAnalyzer) -> None:

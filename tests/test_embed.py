@@ -18,7 +18,6 @@ from worker.ingest.embed import (
     SentenceTransformerEmbedder,
     build_embedded,
     default_model_path,
-    encode_chunks,
     get_embedder,
     title_summary_text,
     token_batches,
@@ -127,7 +126,7 @@ def check_rows(embedder: Embedder) -> None:
     doc = Document("First paragraph about rivers.\n\nSecond paragraph about mountains.")
     chunks = chunk_document(doc, embedder, max_tokens=6, overlap_tokens=0)
     extra = title_summary_text("Nature", "Rivers and mountains.")
-    vectors = encode_chunks(embedder, chunks)
+    vectors = embedder.encode([c.text for c in chunks])
     rows = build_embedded(chunks, vectors, extra, embedder.encode([extra])[0])
     assert [r.chunk_index for r in rows] == [*range(len(chunks)), -1]
     assert rows[0].source == {"kind": "chunk", "start": chunks[0].start, "end": chunks[0].end}

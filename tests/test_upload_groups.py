@@ -85,7 +85,10 @@ def test_a_task_takes_the_users_queued_uploads_along(
     left = enqueue(upload_root, user_id, "later.txt", story(7, 2))
 
     first = process.process_upload(
-        ours[0], trace_id="task-1", settings=settings(upload_group_items=5), engine=engine
+        ours[0],
+        trace_id="task-1",
+        settings=settings(upload_group_items=5, worker_concurrency=1),
+        engine=engine,
     )
     assert (first.status, first.group) == ("done", 5)
     after = statuses([*ours, empty, left, *theirs])
@@ -137,9 +140,11 @@ def test_an_adopted_item_is_left_alone_while_its_group_lives(
         # own message (which fails it with the reason).
         assert [c.item_id for c in adopted] == ids[1:]
         assert all(c.attempt == 1 and c.user_id == user_id for c in adopted)
-        # Its message meanwhile is acknowledged, not a second claim.
-        again = store.claim_upload(engine, ids[1], max_attempts=5)
-        assert (again.claim, again.reason) == (None, "adopted")
+        # Its message meanwhile is acknowledged, not a second claim; so is a redelivery of
+        # the group's own item.
+        for item_id in ids[:2]:
+            again = store.claim_upload(engine, item_id, max_attempts=5)
+            assert (again.claim, again.reason) == (None, "adopted")
         assert statuses([ids[1]])[ids[1]] == ("processing", 1)
     # The group's connection is gone (as when its worker dies): the message claims the item.
     again = store.claim_upload(engine, ids[1], max_attempts=5)
@@ -160,7 +165,8 @@ def test_an_item_its_group_cannot_finish_goes_back_to_the_queue(
 
     monkeypatch.setattr(store, "write_upload", write_upload)
     sent: list[int] = []
-    first = process.process_upload(ids[0], engine=engine, resend=sent.append)
+    one = settings(worker_concurrency=1)
+    first = process.process_upload(ids[0], settings=one, engine=engine, resend=sent.append)
     assert first.status == "done"
     after = statuses(ids)
     assert after[ids[1]] == ("queued", 1) and sent == [ids[1]]
@@ -179,5 +185,51 @@ def test_an_item_its_group_cannot_finish_goes_back_to_the_queue(
     )
     late = enqueue(upload_root, user_id, "late.txt", story(3, 1))
     with pytest.raises(ConnectionError):
-        process.process_upload(ids[1], engine=engine, resend=sent.append)
+        process.process_upload(ids[1], settings=one, engine=engine, resend=sent.append)
     assert statuses([ids[1], late]) == {ids[1]: ("processing", 2), late: ("done", 1)}
+
+
+def test_a_group_leaves_the_other_processes_their_share(
+    upload_root: Path, user_id: str, engine: Engine
+) -> None:
+    ids = [enqueue(upload_root, user_id, f"d{i}.txt", story(i, 1)) for i in range(8)]
+    claim = store.claim_upload(engine, ids[0], max_attempts=5).claim
+    assert claim is not None
+    # Seven wait and three processes share them: this task takes two, so that a burst
+    # still runs on every process.
+    with store.adopted_uploads(
+        engine, claim, limit=15, max_bytes=10**6, max_attempts=5, processes=3
+    ) as adopted:
+        assert [c.item_id for c in adopted] == ids[1:3]
+    one = store.claim_upload(engine, ids[7], max_attempts=5).claim
+    assert one is not None
+    # Four wait (two are being processed) for five processes: none is taken.
+    with store.adopted_uploads(
+        engine, one, limit=15, max_bytes=10**6, max_attempts=5, processes=5
+    ) as adopted:
+        assert adopted == []
+
+
+def test_the_time_limit_stops_the_whole_group(
+    upload_root: Path, user_id: str, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    ids = [enqueue(upload_root, user_id, f"d{i}.txt", story(i, 2)) for i in range(3)]
+    real_write = store.write_upload
+
+    def write_upload(engine: Engine, claim: store.Claim, **kwargs: Any) -> bool:
+        if claim.item_id == ids[1]:
+            raise SoftTimeLimitExceeded()
+        return real_write(engine, claim, **kwargs)
+
+    monkeypatch.setattr(store, "write_upload", write_upload)
+    sent: list[int] = []
+    with pytest.raises(SoftTimeLimitExceeded):
+        process.process_upload(
+            ids[0], settings=settings(worker_concurrency=1), engine=engine, resend=sent.append
+        )
+    # What was written stays; the rest of the group is not processed past the limit but
+    # goes back to the queue.
+    assert statuses(ids) == {ids[0]: ("done", 1), ids[1]: ("queued", 1), ids[2]: ("queued", 1)}
+    assert sent == ids[1:]

@@ -121,10 +121,11 @@ class Settings(BaseSettings):
         "chunks are encoded in shared batches (1: one upload per task).",
     )
     upload_group_bytes: int = Field(
-        2 * 1024 * 1024,
-        ge=1,
-        description="Bytes of files a group may add to its first upload: bounds the group's "
-        "time (2 MiB of text is about a minute of encoding on one core).",
+        64 * 1024,
+        ge=0,
+        description="Bytes of files a group may add to its first upload: enough text to fill "
+        "the model's batches, and a bound on how long a group runs (the last one of a burst "
+        "runs alone while the other processes idle).",
     )
     chunk_max_tokens: int = Field(254, ge=16, description="Tokens per chunk (model max - 2).")
     chunk_overlap_tokens: int = Field(32, ge=0, description="Tokens repeated between chunks.")

@@ -254,6 +254,19 @@ class LocalAnalyzer:
         _language_identifier()
         self._label_vectors()
 
+    def prefetch(self, documents: Sequence[tuple[Document, Sequence[Chunk]]]) -> int:
+        """Encode the keyword candidates of several documents in one model call, into the
+        cache, so that analysing each of them then runs no model (one call per group of
+        uploads rather than one per document: a dozen short phrases are a batch mostly
+        made of overhead). Returns how many phrases were encoded."""
+        phrases: dict[str, None] = {}
+        for doc, chunks in documents:
+            text, _ = _text_for_terms(doc, chunks, self.max_text_chars)
+            candidates = _candidate_phrases(text, self.keyword_candidates)
+            phrases.update((key, None) for key, _ in candidates)
+        _, encoded = PHRASE_CACHE.vectors(self.embedder, list(phrases))
+        return encoded
+
     def analyze(
         self,
         doc: Document,

@@ -23,7 +23,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from worker.ingest.tokens import ModelTokenizer
-from worker.ingest.types import Chunk, EmbeddedChunk, Embedder
+from worker.ingest.types import Chunk, EmbeddedChunk
 
 # [CLS] and [SEP] take two places of the model's max_seq_length.
 _SPECIAL_TOKENS = 2
@@ -236,12 +236,6 @@ def get_embedder(
 
 
 # --- chunks to stored vectors ---------------------------------------------------------------
-
-
-def encode_chunks(embedder: Embedder, chunks: Sequence[Chunk]) -> NDArray[np.float32]:
-    """One vector per chunk, in chunk order. The pipeline calls this once and hands the
-    result both to the analyzer (document vector, summary) and to ``build_embedded``."""
-    return embedder.encode([c.text for c in chunks])
 
 
 def title_summary_text(title: str, summary: str) -> str:

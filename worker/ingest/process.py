@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from celery.exceptions import SoftTimeLimitExceeded
 from numpy.typing import NDArray
 from sqlalchemy import Engine
 
@@ -21,7 +22,7 @@ from worker.db.engine import get_engine, session_scope
 from worker.db.queries import embedding_models
 from worker.errors import PermanentError
 from worker.ingest import store
-from worker.ingest.analyze import Analyzer, make_analyzer
+from worker.ingest.analyze import Analyzer, LocalAnalyzer, make_analyzer
 from worker.ingest.chunk import chunk_document
 from worker.ingest.embed import build_embedded, title_summary_text
 from worker.ingest.parse import parse
@@ -151,28 +152,31 @@ def process_upload(
             return _finished(Outcome(item_id, claimed.reason or "missing"))
     claim = claimed.claim
     bind_context(user_id=claim.user_id)  # the task's retry/failure lines name the user too
-    with store.adopted_uploads(
-        engine,
-        claim,
-        limit=settings.upload_group_items - 1,
-        max_bytes=settings.upload_group_bytes,
-        max_attempts=settings.max_attempts,
-    ) as adopted:
-        group = _Group([_Work(c) for c in (claim, *adopted)], trace_id, settings, engine)
-        try:
+    group = _Group([_Work(claim)], trace_id, settings, engine)
+    try:
+        with store.adopted_uploads(
+            engine,
+            claim,
+            limit=settings.upload_group_items - 1,
+            max_bytes=settings.upload_group_bytes,
+            max_attempts=settings.max_attempts,
+            processes=settings.worker_concurrency,
+        ) as adopted:
+            group.works += [_Work(c) for c in adopted]
             group.run()
-        except BaseException as exc:  # the time limit, or a bug: no item is left behind
+            group.settle(resend)
+    except BaseException as exc:  # the time limit, the database, a bug: no item left behind
+        if not group.settled:
             group.abort(exc)
             group.settle(resend)
-            raise
-        group.settle(resend)
+        raise
     return group.works[0].outcome
 
 
 def _finished(outcome: Outcome, watch: Stopwatch | None = None) -> Outcome:
     """The one line per item: outcome and per-stage durations (JSON fields; appended to the
     text line), and the same figures for the metrics."""
-    failed = outcome.status in ("failed", "error", "exhausted")
+    failed = outcome.status in ("failed", "error", "exhausted", "released")
     log.log(
         logging.WARNING if failed else logging.INFO,
         "item %s %s (%d chunks)%s",
@@ -236,6 +240,7 @@ class _Group:
         self.engine = engine
         self.targets: list[ModelTarget] = []
         self.analyzer: Analyzer | None = None
+        self.settled = False
 
     def run(self) -> None:
         self.each("load", self._load)
@@ -244,6 +249,7 @@ class _Group:
         for target in self.targets:
             for work, rows in self.together(target, lambda w: [c.text for c in w.chunks]):
                 work.vectors[target.name] = rows
+        self.prefetch_keywords()
         self.each("analyse", self._analyse)
         for target in self.targets:
             for work, rows in self.together(target, self._extra_text):
@@ -264,11 +270,13 @@ class _Group:
                     work.outcome.status = "skipped" if exc.skip else "failed"
                     work.outcome.error = str(exc)
                     store.mark_failed(self.engine, work.claim, str(exc), skip=exc.skip)
+                except SoftTimeLimitExceeded:
+                    raise  # the whole group stops: not this item's fault
                 except Exception as exc:
                     work.watch.failed_stage = stage
                     work.error = exc
-            if not work.active:
-                self._log(work)
+            if not work.active and work.error is None:
+                self._log(work)  # failed, skipped or unchanged; errors are settled at the end
 
     def _context(self, work: _Work) -> Any:
         return log_context(
@@ -282,8 +290,9 @@ class _Group:
             max_bytes=self.settings.max_upload_bytes,
         )
         if not self.targets:  # the first item's claim read the models for the group
-            self.targets = model_targets(self.engine, self.settings, work.claim.models)
-            self.analyzer = analyzer_for(self.settings, self.targets[0].embedder)
+            targets = model_targets(self.engine, self.settings, work.claim.models)
+            self.analyzer = analyzer_for(self.settings, targets[0].embedder)
+            self.targets = targets  # only once both are known: the next item tries again
         analyzer = self.analyzer
         provider, model = (analyzer.name, analyzer.model) if analyzer else ("none", "none")
         unchanged = store.finish_if_unchanged(
@@ -348,7 +357,6 @@ class _Group:
                 target.dimensions,
                 build_embedded(work.chunks, work.vectors[target.name], extra_text, extra_vector),
             )
-            metrics.embedded(len(work.chunks) + 1, source="upload")  # chunks + title/summary
         assert work.source is not None
         written = store.write_upload(
             self.engine,
@@ -366,6 +374,23 @@ class _Group:
 
     # --- every item at once -----------------------------------------------------------------
 
+    def prefetch_keywords(self) -> None:
+        """The local analyzer's keyword candidates of every item, encoded in one call (an
+        error here only leaves each analysis to encode its own)."""
+        if not isinstance(self.analyzer, LocalAnalyzer):
+            return
+        works = [w for w in self.works if w.active and w.doc is not None]
+        started = time.perf_counter()
+        try:
+            self.analyzer.prefetch([(w.doc, w.chunks) for w in works if w.doc is not None])
+        except SoftTimeLimitExceeded:
+            raise
+        except Exception as exc:
+            log.warning("keyword candidates of the group not prefetched: %s", exc)
+        share = (time.perf_counter() - started) * 1000 / max(1, len(works))
+        for work in works:
+            work.watch.ms["analyse"] = round(work.watch.ms.get("analyse", 0.0) + share, 2)
+
     def together(
         self, target: ModelTarget, texts_of: Callable[[_Work], list[str]]
     ) -> list[tuple[_Work, NDArray[np.float32]]]:
@@ -380,13 +405,15 @@ class _Group:
         started = time.perf_counter()
         try:
             vectors = target.embedder.encode(flat)
+        except SoftTimeLimitExceeded:
+            raise
         except Exception as exc:  # the model itself failed: every item of the group with it
             for work in works:
                 work.error = exc
                 work.watch.failed_stage = "embed"
-                self._log(work)
             return []
         elapsed = (time.perf_counter() - started) * 1000
+        metrics.embedded(len(flat), source="upload")
         out, at = [], 0
         for work, own in zip(works, texts, strict=True):
             out.append((work, vectors[at : at + len(own)]))
@@ -404,9 +431,11 @@ class _Group:
                 work.error = exc
 
     def settle(self, resend: Callable[[int], object] | None) -> None:
-        """After the run, or when it broke off: every item logged once; adopted items that
-        met an unexpected error (or were left unfinished) go back to the queue and are sent
-        again; the task's own item's error is raised for the task to retry or record."""
+        """After the run, or when it broke off: adopted items that met an unexpected error
+        (or were left unfinished) go back to the queue and are sent again; every item is
+        logged once; the task's own item's error is raised for the task to retry or
+        record."""
+        self.settled = True
         first = self.works[0]
         unfinished = [
             w for w in self.works[1:] if w.error is not None or not (w.logged or w.written)
@@ -414,13 +443,12 @@ class _Group:
         if unfinished:
             released = set(store.release_claims(self.engine, [w.claim for w in unfinished]))
             for work in unfinished:
-                if not work.logged:
-                    work.outcome.status = "released" if work.claim.item_id in released else "stale"
-                    self._log(work)
-                if resend is not None and work.claim.item_id in released:
+                again = work.claim.item_id in released
+                work.outcome.status = "released" if again else "stale"
+                if again and resend is not None:
                     resend(work.claim.item_id)
         for work in self.works:
-            self._log(work)  # those that ran to the end (a logged one is not logged again)
+            self._log(work)  # a logged one is not logged again
         if first.error is not None:
             raise first.error
 
@@ -430,7 +458,8 @@ class _Group:
         work.logged = True
         with self._context(work):
             if work.error is not None:
-                error = f"{work.error.__class__.__name__}: {work.error}"
-                work.outcome.status, work.outcome.error = "error", error
+                work.outcome.error = f"{work.error.__class__.__name__}: {work.error}"
+                if work.outcome.status == "done":  # not released: retried or recorded
+                    work.outcome.status = "error"
             work.outcome.group = len(self.works)
             _finished(work.outcome, work.watch)

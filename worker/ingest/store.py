@@ -169,25 +169,34 @@ def claim_upload(engine: Engine, item_id: int, *, max_attempts: int) -> ClaimRes
 
 @contextmanager
 def adopted_uploads(
-    engine: Engine, claim: Claim, *, limit: int, max_bytes: int, max_attempts: int
+    engine: Engine,
+    claim: Claim,
+    *,
+    limit: int,
+    max_bytes: int,
+    max_attempts: int,
+    processes: int = 1,
 ) -> Iterator[list[Claim]]:
     """Claim up to ``limit`` more queued uploads of ``claim``'s user (at most ``max_bytes`` of
     files in all), so that one task encodes their chunks in shared batches: a document's few
-    chunks make small batches padded to their longest (README, bench.ingest_uploads).
+    chunks make small batches padded to their longest (README, bench.ingest_uploads). Only a
+    ``processes``-th of what waits is taken, so that a burst still spreads over every
+    worker process.
 
     Each adopted item is claimed as its own message would claim it (attempts + 1), under a
-    session advisory lock held on a connection of its own until the block ends. The item's
-    message, when it comes meanwhile, sees the lock and is acknowledged as 'adopted'. If this
-    worker dies, its connection closes and the locks go with it: a message still queued
-    claims the item as usual, and one already acknowledged is sent again by the requeue task
-    (the row stays ``processing``): nothing is lost."""
+    session advisory lock held on a connection of its own until the block ends; so is
+    ``claim``'s item. A message for any of them meanwhile (its own, a redelivery, a resend)
+    sees the lock and is acknowledged as 'adopted'. If this worker dies, its connection
+    closes and the locks go with it: a message still queued claims the item as usual, and
+    one already acknowledged is sent again by the requeue task (the row stays
+    ``processing``): nothing is lost."""
     if limit < 1:
         yield []
         return
     with engine.connect() as conn:
         try:
             with conn.begin():
-                claims = _adopt(conn, claim, limit, max_bytes, max_attempts)
+                claims = _adopt(conn, claim, limit, max_bytes, max_attempts, processes)
             yield claims
         finally:
             try:
@@ -198,20 +207,28 @@ def adopted_uploads(
 
 
 def _adopt(
-    conn: Connection, claim: Claim, limit: int, max_bytes: int, max_attempts: int
+    conn: Connection, claim: Claim, limit: int, max_bytes: int, max_attempts: int, processes: int
 ) -> list[Claim]:
-    candidates = conn.execute(
+    conn.execute(
+        text(f"SELECT pg_try_advisory_lock({_GROUP_LOCK.format(':id')})"), {"id": claim.item_id}
+    )
+    waiting = conn.execute(
         text(
             "SELECT i.id, coalesce(u.file_size, 0) AS size FROM item i "
             "JOIN upload u ON u.item_id = i.id WHERE i.user_id = :user AND i.kind = 'upload' "
             "AND i.status = 'queued' AND i.deleted_at IS NULL AND i.attempts < :max "
             "AND i.id <> :id ORDER BY i.id LIMIT :limit FOR UPDATE OF i SKIP LOCKED"
         ),
-        {"user": claim.user_id, "max": max_attempts, "id": claim.item_id, "limit": limit},
+        {
+            "user": claim.user_id,
+            "max": max_attempts,
+            "id": claim.item_id,
+            "limit": limit * max(1, processes),
+        },
     ).all()
     picked: list[int] = []
     total = 0
-    for item_id, size in candidates:
+    for item_id, size in waiting[: len(waiting) // max(1, processes)]:
         total += size
         if total > max_bytes:
             break
