@@ -124,6 +124,14 @@ def test_a_task_takes_the_users_queued_uploads_along(
     assert process.process_upload(ours[2], engine=engine).status == "finished"
     assert process.process_upload(left, engine=engine).status == "done"
 
+    # An unchanged re-upload needs no model: it is done at once and takes nothing along.
+    again = [enqueue(upload_root, user_id, f"d{i}.txt", story(i, 1 + 3 * i)) for i in range(2)]
+    assert again == ours[:2]
+    one = settings(upload_group_items=5, worker_concurrency=1)
+    redo = process.process_upload(ours[0], settings=one, engine=engine)
+    assert (redo.status, redo.group) == ("unchanged", 1)
+    assert statuses([ours[1]])[ours[1]][0] == "queued"
+
 
 def test_an_adopted_item_is_left_alone_while_its_group_lives(
     upload_root: Path, user_id: str, engine: Engine

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,16 +155,21 @@ def process_upload(
     bind_context(user_id=claim.user_id)  # the task's retry/failure lines name the user too
     group = _Group([_Work(claim)], trace_id, settings, engine)
     try:
-        with store.adopted_uploads(
-            engine,
-            claim,
-            limit=settings.upload_group_items - 1,
-            max_bytes=settings.upload_group_bytes,
-            max_attempts=settings.max_attempts,
-            processes=settings.worker_concurrency,
-        ) as adopted:
-            group.works += [_Work(c) for c in adopted]
-            group.run()
+        with ExitStack() as stack:
+
+            def adopt() -> list[store.Claim]:
+                return stack.enter_context(
+                    store.adopted_uploads(
+                        engine,
+                        claim,
+                        limit=settings.upload_group_items - 1,
+                        max_bytes=settings.upload_group_bytes,
+                        max_attempts=settings.max_attempts,
+                        processes=settings.worker_concurrency,
+                    )
+                )
+
+            group.run(adopt)
             group.settle(resend)
     except BaseException as exc:  # the time limit, the database, a bug: no item left behind
         if not group.settled:
@@ -242,8 +248,13 @@ class _Group:
         self.analyzer: Analyzer | None = None
         self.settled = False
 
-    def run(self) -> None:
+    def run(self, adopt: Callable[[], list[store.Claim]]) -> None:
+        """``adopt`` claims the items to take along: called only once the task's own item
+        turned out to need the model (an unchanged re-upload is done at once, alone)."""
         self.each("load", self._load)
+        if self.works[0].active:
+            self.works += [_Work(c) for c in adopt()]
+            self.each("load", self._load)
         self.each("parse", self._parse)
         self.each("chunk", self._chunk)
         for target in self.targets:
@@ -284,6 +295,8 @@ class _Group:
         )
 
     def _load(self, work: _Work) -> None:
+        if work.source is not None:  # the task's own item, loaded before the adoption
+            return
         source = load_source(
             work.claim.file_path,
             upload_root=self.settings.upload_root,
