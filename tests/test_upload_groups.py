@@ -72,6 +72,18 @@ def settings(**update: Any) -> Settings:
     return get_settings().model_copy(update=update)
 
 
+def fail_write(monkeypatch: pytest.MonkeyPatch, item_id: int, error: BaseException) -> None:
+    """``store.write_upload`` raises ``error`` for ``item_id`` and writes the others."""
+    real_write = store.write_upload
+
+    def write_upload(engine: Engine, claim: store.Claim, **kwargs: Any) -> bool:
+        if claim.item_id == item_id:
+            raise error
+        return real_write(engine, claim, **kwargs)
+
+    monkeypatch.setattr(store, "write_upload", write_upload)
+
+
 def test_a_task_takes_the_users_queued_uploads_along(
     upload_root: Path, user_id: str, engine: Engine, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -164,14 +176,7 @@ def test_an_item_its_group_cannot_finish_goes_back_to_the_queue(
     upload_root: Path, user_id: str, engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ids = [enqueue(upload_root, user_id, f"d{i}.txt", story(i, 2)) for i in range(3)]
-    real_write = store.write_upload
-
-    def write_upload(engine: Engine, claim: store.Claim, **kwargs: Any) -> bool:
-        if claim.item_id == ids[1]:
-            raise ConnectionError("the database went away")
-        return real_write(engine, claim, **kwargs)
-
-    monkeypatch.setattr(store, "write_upload", write_upload)
+    fail_write(monkeypatch, ids[1], ConnectionError("the database went away"))
     sent: list[int] = []
     one = settings(worker_concurrency=1)
     first = process.process_upload(ids[0], settings=one, engine=engine, resend=sent.append)
@@ -180,17 +185,8 @@ def test_an_item_its_group_cannot_finish_goes_back_to_the_queue(
     assert after[ids[1]] == ("queued", 1) and sent == [ids[1]]
     assert after[ids[2]] == ("done", 1)
 
-    # When the task's own item meets the error, the others still finish and the task gets
-    # the exception (to retry it, or record it).
-    monkeypatch.setattr(
-        store,
-        "write_upload",
-        lambda engine, claim, **kw: (
-            (_ for _ in ()).throw(ConnectionError("gone again"))
-            if claim.item_id == ids[1]
-            else real_write(engine, claim, **kw)
-        ),
-    )
+    # When the task's own item meets the error (its write still fails), the others still
+    # finish and the task gets the exception (to retry it, or record it).
     late = enqueue(upload_root, user_id, "late.txt", story(3, 1))
     with pytest.raises(ConnectionError):
         process.process_upload(ids[1], settings=one, engine=engine, resend=sent.append)
@@ -224,14 +220,7 @@ def test_the_time_limit_stops_the_whole_group(
     from celery.exceptions import SoftTimeLimitExceeded
 
     ids = [enqueue(upload_root, user_id, f"d{i}.txt", story(i, 2)) for i in range(3)]
-    real_write = store.write_upload
-
-    def write_upload(engine: Engine, claim: store.Claim, **kwargs: Any) -> bool:
-        if claim.item_id == ids[1]:
-            raise SoftTimeLimitExceeded()
-        return real_write(engine, claim, **kwargs)
-
-    monkeypatch.setattr(store, "write_upload", write_upload)
+    fail_write(monkeypatch, ids[1], SoftTimeLimitExceeded())
     sent: list[int] = []
     with pytest.raises(SoftTimeLimitExceeded):
         process.process_upload(

@@ -74,8 +74,11 @@ class Stopwatch:
                 self.failed_stage = name
                 raise
             finally:
-                elapsed = (time.perf_counter() - start) * 1000
-                self.ms[name] = round(self.ms.get(name, 0.0) + elapsed, 2)
+                self.add(name, (time.perf_counter() - start) * 1000)
+
+    def add(self, name: str, ms: float) -> None:
+        """Charge ``ms`` to a stage (a share of work done for several items at once)."""
+        self.ms[name] = round(self.ms.get(name, 0.0) + ms, 2)
 
 
 # --- secrets ---------------------------------------------------------------------------------

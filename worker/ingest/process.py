@@ -222,13 +222,13 @@ class _Work:
         self.outcome = Outcome(self.claim.item_id, "done", durations_ms=self.watch.ms)
 
     @property
+    def finished(self) -> bool:
+        """Written, or its outcome logged: nothing more happens to it."""
+        return self.written or self.logged
+
+    @property
     def active(self) -> bool:
-        return (
-            self.outcome.status == "done"
-            and self.error is None
-            and not self.written
-            and not self.logged
-        )
+        return self.outcome.status == "done" and self.error is None and not self.finished
 
 
 class _Group:
@@ -392,7 +392,7 @@ class _Group:
         error here only leaves each analysis to encode its own)."""
         if not isinstance(self.analyzer, LocalAnalyzer):
             return
-        works = [w for w in self.works if w.active and w.doc is not None]
+        works = [w for w in self.works if w.active]
         started = time.perf_counter()
         try:
             self.analyzer.prefetch([(w.doc, w.chunks) for w in works if w.doc is not None])
@@ -402,7 +402,7 @@ class _Group:
             log.warning("keyword candidates of the group not prefetched: %s", exc)
         share = (time.perf_counter() - started) * 1000 / max(1, len(works))
         for work in works:
-            work.watch.ms["analyse"] = round(work.watch.ms.get("analyse", 0.0) + share, 2)
+            work.watch.add("analyse", share)
 
     def together(
         self, target: ModelTarget, texts_of: Callable[[_Work], list[str]]
@@ -431,8 +431,7 @@ class _Group:
         for work, own in zip(works, texts, strict=True):
             out.append((work, vectors[at : at + len(own)]))
             at += len(own)
-            share = elapsed * len(own) / len(flat)
-            work.watch.ms["embed"] = round(work.watch.ms.get("embed", 0.0) + share, 2)
+            work.watch.add("embed", elapsed * len(own) / len(flat))
         return out
 
     # --- outcomes -----------------------------------------------------------------------------
@@ -440,7 +439,7 @@ class _Group:
     def abort(self, exc: BaseException) -> None:
         """The run broke off: what was not written yet ends with ``exc``."""
         for work in self.works:
-            if not (work.logged or work.written):
+            if not work.finished:
                 work.error = exc
 
     def settle(self, resend: Callable[[int], object] | None) -> None:
@@ -450,9 +449,7 @@ class _Group:
         record."""
         self.settled = True
         first = self.works[0]
-        unfinished = [
-            w for w in self.works[1:] if w.error is not None or not (w.logged or w.written)
-        ]
+        unfinished = [w for w in self.works[1:] if w.error is not None or not w.finished]
         if unfinished:
             released = set(store.release_claims(self.engine, [w.claim for w in unfinished]))
             for work in unfinished:
