@@ -190,8 +190,14 @@ def test_prefetch_encodes_a_groups_candidates_in_one_call(
     encode = embedder.encode
     monkeypatch.setattr(embedder, "encode", lambda texts: calls.append(len(texts)) or encode(texts))
     assert analyzer.prefetch(group) > 0 and len(calls) == 1
+    found: list[str] = []
+    candidates = analyze._candidate_phrases
+    monkeypatch.setattr(
+        analyze, "_candidate_phrases", lambda text, n: found.append(text) or candidates(text, n)
+    )
     results = [analyzer.analyze(d, c, encode([x.text for x in c])) for d, c in group]
-    assert len(calls) == 1  # every analysis found its candidates in the cache
+    assert len(calls) == 1  # every analysis found its candidates' vectors in the cache
+    assert found == []  # and the candidates themselves, as the prefetch found them
     assert all(r.raw_response["keywords"]["encoded"] == 0 and r.keywords for r in results)
     # The same keywords as without the prefetch.
     monkeypatch.setattr(analyze, "PHRASE_CACHE", analyze.PhraseVectorCache())

@@ -97,6 +97,38 @@ def test_dedupe_and_length_sorting_keep_input_order(
     np.testing.assert_array_equal(ours[0], ours[3])
 
 
+def test_chunks_are_tokenised_for_counting_once(
+    embedder: SentenceTransformerEmbedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Encoding the chunks just made reuses the token counts the chunker verified them with;
+    the counts stay exact (a text counted afresh gives the same), and the memo is bounded."""
+    from worker.ingest import tokens
+
+    text = "\n\n".join(
+        f"Paragraph {i} says something about rivers and hills." * 9 for i in range(6)
+    )
+    chunks = chunk_document(Document(text=text), embedder, max_tokens=64)
+    calls: list[int] = []
+    real = embedder.tokenizer.encode_batch
+
+    def spy(texts: list[str], **kwargs: object) -> object:
+        calls.append(len(texts))
+        return real(texts, **kwargs)
+
+    monkeypatch.setattr(embedder, "_tokenizer", type("T", (), {"encode_batch": staticmethod(spy)}))
+    embedder.encode([c.text for c in chunks])
+    assert calls == []  # every chunk's count was known
+    assert embedder.count_tokens_batch([c.text for c in chunks]) == [c.token_count for c in chunks]
+    fresh = [f"an unseen text number {i}" for i in range(3)]
+    assert embedder.count_tokens_batch(fresh) == [
+        len(real([t], add_special_tokens=False)[0].ids) for t in fresh
+    ]
+    assert calls == [3]
+    monkeypatch.setattr(tokens, "COUNT_MEMO_TEXTS", 2)
+    embedder.count_tokens_batch(["one", "two", "three"])
+    assert embedder._counts is not None and len(embedder._counts) <= 2
+
+
 def test_token_batches_respect_both_bounds() -> None:
     lengths = [256, 200, 120, 40, 30, 12, 12, 12, 5, 5, 5, 5, 5]
     order = sorted(range(len(lengths)), key=lambda k: -lengths[k])

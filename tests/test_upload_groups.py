@@ -178,11 +178,26 @@ def test_an_item_its_group_cannot_finish_goes_back_to_the_queue(
     ids = [enqueue(upload_root, user_id, f"d{i}.txt", story(i, 2)) for i in range(3)]
     fail_write(monkeypatch, ids[1], ConnectionError("the database went away"))
     sent: list[int] = []
+    free_when_sent: list[bool] = []
+
+    def resend(item_id: int) -> None:
+        # The group's lock on the item is gone by then: should the worker that claims the
+        # resent message die in turn, its redelivery claims the item again at once.
+        with engine.connect() as conn:
+            lock = store._GROUP_LOCK.format(":id")
+            free_when_sent.append(
+                conn.execute(
+                    text(f"SELECT pg_try_advisory_lock({lock})"), {"id": item_id}
+                ).scalar_one()
+            )
+            conn.execute(text("SELECT pg_advisory_unlock_all()"))
+        sent.append(item_id)
+
     one = settings(worker_concurrency=1)
-    first = process.process_upload(ids[0], settings=one, engine=engine, resend=sent.append)
+    first = process.process_upload(ids[0], settings=one, engine=engine, resend=resend)
     assert first.status == "done"
     after = statuses(ids)
-    assert after[ids[1]] == ("queued", 1) and sent == [ids[1]]
+    assert after[ids[1]] == ("queued", 1) and sent == [ids[1]] and free_when_sent == [True]
     assert after[ids[2]] == ("done", 1)
 
     # When the task's own item meets the error (its write still fails), the others still
@@ -222,11 +237,19 @@ def test_the_time_limit_stops_the_whole_group(
     ids = [enqueue(upload_root, user_id, f"d{i}.txt", story(i, 2)) for i in range(3)]
     fail_write(monkeypatch, ids[1], SoftTimeLimitExceeded())
     sent: list[int] = []
-    with pytest.raises(SoftTimeLimitExceeded):
-        process.process_upload(
-            ids[0], settings=settings(worker_concurrency=1), engine=engine, resend=sent.append
-        )
+    one = settings(worker_concurrency=1)
+    # The task's own item was written before the limit: the task is told it is done (not
+    # that it failed, which would retry or record a failure for a done item).
+    own = process.process_upload(ids[0], settings=one, engine=engine, resend=sent.append)
+    assert own.status == "done" and own.chunks > 0
     # What was written stays; the rest of the group is not processed past the limit but
     # goes back to the queue.
     assert statuses(ids) == {ids[0]: ("done", 1), ids[1]: ("queued", 1), ids[2]: ("queued", 1)}
     assert sent == ids[1:]
+
+    # When the limit strikes before the task's own item is written, the task gets it.
+    fail_write(monkeypatch, ids[1], SoftTimeLimitExceeded())
+    with pytest.raises(SoftTimeLimitExceeded):
+        process.process_upload(ids[1], settings=one, engine=engine, resend=sent.append)
+    assert statuses(ids[1:]) == {ids[1]: ("processing", 2), ids[2]: ("queued", 2)}
+    assert sent == [ids[1], ids[2], ids[2]]

@@ -248,6 +248,9 @@ class LocalAnalyzer:
         self.keyword_candidates = keyword_candidates
         self.mmr_lambda = mmr_lambda
         self.max_text_chars = max_text_chars
+        # Keyword candidates found by ``prefetch``, by document, for ``analyze`` to take
+        # (the document is kept beside them, so that a recycled id() cannot match).
+        self._candidates: dict[int, tuple[Document, list[tuple[str, str]]]] = {}
 
     def warm_up(self) -> None:
         """Load the language model and embed the label prompts now, not on the first item."""
@@ -260,9 +263,11 @@ class LocalAnalyzer:
         uploads rather than one per document: a dozen short phrases are a batch mostly
         made of overhead). Returns how many phrases were encoded."""
         phrases: dict[str, None] = {}
+        self._candidates.clear()
         for doc, chunks in documents:
             text, _ = _text_for_terms(doc, chunks, self.max_text_chars)
             candidates = _candidate_phrases(text, self.keyword_candidates)
+            self._candidates[id(doc)] = (doc, candidates)
             phrases.update((key, None) for key, _ in candidates)
         _, encoded = PHRASE_CACHE.vectors(self.embedder, list(phrases))
         return encoded
@@ -302,7 +307,7 @@ class LocalAnalyzer:
             raw["summary"]["central_chunks"] = central
             raw["summary"]["sampled_text"] = sampled
         with _timed(timings, "keywords"):
-            keywords, raw["keywords"] = self._keywords(text, doc_vector)
+            keywords, raw["keywords"] = self._keywords(self._candidates_of(doc, text), doc_vector)
         with _timed(timings, "category"):
             category, raw["category"] = self._category(doc_vector)
         return self._result(summary, keywords, category, language, word_count, title, raw)
@@ -355,11 +360,17 @@ class LocalAnalyzer:
 
     # --- keywords ---------------------------------------------------------------------------
 
+    def _candidates_of(self, doc: Document, text: str) -> list[tuple[str, str]]:
+        """The document's keyword candidates: as ``prefetch`` found them, else from ``text``."""
+        kept = self._candidates.pop(id(doc), None)
+        if kept is not None and kept[0] is doc:
+            return kept[1]
+        return _candidate_phrases(text, self.keyword_candidates)
+
     def _keywords(
-        self, text: str, doc_vector: NDArray[np.float32]
+        self, candidates: list[tuple[str, str]], doc_vector: NDArray[np.float32]
     ) -> tuple[list[str], dict[str, Any]]:
         """Frequent phrases, re-ranked by similarity to the document vector with MMR."""
-        candidates = _candidate_phrases(text, self.keyword_candidates)
         info: dict[str, Any] = {
             "method": "ngram_frequency+embedding_mmr",
             "candidates": len(candidates),

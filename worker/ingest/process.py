@@ -170,12 +170,26 @@ def process_upload(
                 )
 
             group.run(adopt)
-            group.settle(resend)
+        # Once the group's locks are gone: an item sent back to the queue is then any
+        # worker's to claim, and to recover should that worker die in turn.
+        group.settle(resend)
     except BaseException as exc:  # the time limit, the database, a bug: no item left behind
+        own = group.works[0]
+        own_finished = own.finished and own.error is None
         if not group.settled:
             group.abort(exc)
             group.settle(resend)
-        raise
+        if not own_finished or not isinstance(exc, Exception):
+            raise
+        # The task's own item was written (or recorded) before the group broke off: the
+        # error concerns the others, which went back to the queue; raising it would make
+        # the task retry, or record a failure for, an item that is done.
+        log.warning(
+            "group of item %s broke off after that item was finished: %s: %s",
+            item_id,
+            exc.__class__.__name__,
+            exc,
+        )
     return group.works[0].outcome
 
 

@@ -4,9 +4,15 @@ as the model will."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+# Chunking counts the tokens of every chunk it makes (to verify it), and encoding those chunks
+# moments later needs the same counts to sort and cut its batches: the counts of the last
+# this many texts are kept, so that a chunk is tokenised for counting once, not twice.
+COUNT_MEMO_TEXTS = 4096
 
 
 class ModelTokenizer:
@@ -14,6 +20,8 @@ class ModelTokenizer:
 
     model_path: str
     _tokenizer: Any = None
+    _counts: dict[str, int] | None = None
+    _counts_lock = threading.Lock()
 
     @property
     def tokenizer(self) -> Any:
@@ -39,8 +47,20 @@ class ModelTokenizer:
 
     def count_tokens_batch(self, texts: Sequence[str]) -> list[int]:
         """``count_tokens`` for many texts in one call; the Rust side uses every core."""
-        encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
-        return [len(e.ids) for e in encodings]
+        with self._counts_lock:
+            known = self._counts if self._counts is not None else {}
+            counts = [known.get(t) for t in texts]
+        missing = [t for t, n in zip(texts, counts, strict=True) if n is None]
+        if not missing:
+            return [n for n in counts if n is not None]
+        encodings = self.tokenizer.encode_batch(missing, add_special_tokens=False)
+        fresh = {t: len(e.ids) for t, e in zip(missing, encodings, strict=True)}
+        with self._counts_lock:
+            if self._counts is None or len(self._counts) + len(fresh) > COUNT_MEMO_TEXTS:
+                self._counts = {}
+            if len(fresh) <= COUNT_MEMO_TEXTS:
+                self._counts.update(fresh)
+        return [fresh[t] if n is None else n for t, n in zip(texts, counts, strict=True)]
 
     def token_offsets_batch(self, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
         encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
