@@ -253,3 +253,25 @@ def test_the_time_limit_stops_the_whole_group(
         process.process_upload(ids[1], settings=one, engine=engine, resend=sent.append)
     assert statuses(ids[1:]) == {ids[1]: ("processing", 2), ids[2]: ("queued", 2)}
     assert sent == [ids[1], ids[2], ids[2]]
+
+
+def test_a_groups_connection_asks_the_server_to_notice_a_dead_host(engine: Engine) -> None:
+    """The group's locks go when its connection does; a host that dies without closing it is
+    noticed by the server's keepalive probes in about two minutes, not two hours."""
+    names = list(store.GROUP_KEEPALIVE)
+
+    def current(conn: Any) -> dict[str, str]:
+        rows = conn.execute(
+            text("SELECT name, setting FROM pg_settings WHERE name = ANY(:n)"), {"n": names}
+        )
+        return dict(rows.all())
+
+    with engine.connect() as conn:
+        before = current(conn)
+        store._keep_alive(conn)
+        assert current(conn) == store.GROUP_KEEPALIVE  # over TCP, as the tests connect
+        conn.commit()
+        assert current(conn) == store.GROUP_KEEPALIVE  # a session setting: beyond the commit
+        store._keep_alive(conn, on=False)
+        assert current(conn) == before
+        conn.rollback()

@@ -9,6 +9,7 @@ transaction. A crash at any point leaves the old complete state or the new one.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -109,6 +110,17 @@ _CLAIM_UPDATE = (
 # An upload that a group holds (see ``adopted_uploads``): a session-level advisory lock per
 # item on the group's own connection, so that it goes the moment that worker dies.
 _GROUP_LOCK = "hashtextextended('upload:' || {}, 0)"
+# A worker's host that dies without closing its connections (power, kernel panic, a network
+# cut) leaves the server holding the group's locks until TCP keepalive notices: two hours and
+# more with the kernel's defaults, during which the group's items are acknowledged as
+# adopted and stay unprocessed. The group's connection asks the server to probe after a
+# minute of silence, every 10 s, and to give up after 6 unanswered probes (about 2 min).
+# A session setting (no superuser, no server config); ignored over a Unix socket.
+GROUP_KEEPALIVE = {
+    "tcp_keepalives_idle": "60",
+    "tcp_keepalives_interval": "10",
+    "tcp_keepalives_count": "6",
+}
 
 
 @dataclass(frozen=True)
@@ -196,14 +208,28 @@ def adopted_uploads(
     with engine.connect() as conn:
         try:
             with conn.begin():
+                _keep_alive(conn)
                 claims = _adopt(conn, claim, limit, max_bytes, max_attempts, processes)
             yield claims
         finally:
             try:
                 conn.execute(text("SELECT pg_advisory_unlock_all()"))
+                _keep_alive(conn, on=False)
                 conn.commit()
             except Exception:  # the connection broke: the server dropped its locks with it
                 conn.invalidate()
+
+
+def _keep_alive(conn: Connection, *, on: bool = True) -> None:
+    """``GROUP_KEEPALIVE`` for this session (the locks outlive the transaction), or with
+    ``on=False`` the server's own values again, before the connection goes back to the pool."""
+    conn.execute(
+        text(
+            "SELECT set_config(name, CASE WHEN :on THEN (CAST(:values AS jsonb) ->> name) "
+            "ELSE reset_val END, false) FROM pg_settings WHERE name = ANY(:names)"
+        ),
+        {"on": on, "values": json.dumps(GROUP_KEEPALIVE), "names": list(GROUP_KEEPALIVE)},
+    )
 
 
 def _adopt(
