@@ -208,6 +208,34 @@ def test_an_item_its_group_cannot_finish_goes_back_to_the_queue(
     assert statuses([ids[1], late]) == {ids[1]: ("processing", 2), late: ("done", 1)}
 
 
+def test_when_nothing_can_be_sent_back_the_requeue_task_has_it(
+    upload_root: Path,
+    user_id: str,
+    engine: Engine,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The database goes away after the task's own item was written: the other item cannot
+    be written nor sent back. It stays ``processing`` (the requeue task resends it once its
+    claim is stale), still gets its outcome line, and the task is told its item is done."""
+    caplog.set_level(logging.INFO, logger="worker")
+    ids = [enqueue(upload_root, user_id, f"d{i}.txt", story(i, 2)) for i in range(2)]
+    fail_write(monkeypatch, ids[1], ConnectionError("the database went away"))
+
+    def release_claims(engine: Engine, claims: Any) -> list[int]:
+        raise ConnectionError("still away")
+
+    monkeypatch.setattr(store, "release_claims", release_claims)
+    sent: list[int] = []
+    own = process.process_upload(
+        ids[0], settings=settings(worker_concurrency=1), engine=engine, resend=sent.append
+    )
+    assert own.status == "done" and sent == []
+    assert statuses(ids) == {ids[0]: ("done", 1), ids[1]: ("processing", 1)}
+    said = [re.match(r"item (\d+) (\w+) \(", r.getMessage()) for r in caplog.records]
+    assert sorted((int(m[1]), m[2]) for m in said if m) == [(ids[0], "done"), (ids[1], "error")]
+
+
 def test_a_group_leaves_the_other_processes_their_share(
     upload_root: Path, user_id: str, engine: Engine
 ) -> None:
@@ -255,9 +283,14 @@ def test_the_time_limit_stops_the_whole_group(
     assert sent == [ids[1], ids[2], ids[2]]
 
 
-def test_a_groups_connection_asks_the_server_to_notice_a_dead_host(engine: Engine) -> None:
+def test_a_groups_connection_asks_the_server_to_notice_a_dead_host(
+    upload_root: Path, user_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The group's locks go when its connection does; a host that dies without closing it is
-    noticed by the server's keepalive probes in about two minutes, not two hours."""
+    noticed by the server's keepalive probes in about two minutes, not two hours. The
+    server's own values are back before the connection returns to the pool."""
+    from worker.db.engine import make_engine
+
     names = list(store.GROUP_KEEPALIVE)
 
     def current(conn: Any) -> dict[str, str]:
@@ -266,12 +299,29 @@ def test_a_groups_connection_asks_the_server_to_notice_a_dead_host(engine: Engin
         )
         return dict(rows.all())
 
-    with engine.connect() as conn:
-        before = current(conn)
-        store._keep_alive(conn)
-        assert current(conn) == store.GROUP_KEEPALIVE  # over TCP, as the tests connect
-        conn.commit()
-        assert current(conn) == store.GROUP_KEEPALIVE  # a session setting: beyond the commit
-        store._keep_alive(conn, on=False)
-        assert current(conn) == before
-        conn.rollback()
+    # One pooled connection: the group's is the one the next checkout gets back.
+    engine = make_engine(settings(db_pool_size=1, db_max_overflow=0))
+    try:
+        ids = [enqueue(upload_root, user_id, f"d{i}.txt", story(i, 1)) for i in range(2)]
+        claim = store.claim_upload(engine, ids[0], max_attempts=5).claim
+        assert claim is not None
+        with engine.connect() as conn:
+            before = current(conn)
+        assert before != store.GROUP_KEEPALIVE
+        seen: list[dict[str, str]] = []
+        adopt = store._adopt
+
+        def spy(conn: Any, *args: Any) -> list[store.Claim]:
+            seen.append(current(conn))
+            return adopt(conn, *args)
+
+        monkeypatch.setattr(store, "_adopt", spy)
+        with store.adopted_uploads(
+            engine, claim, limit=5, max_bytes=10**6, max_attempts=5
+        ) as adopted:
+            assert [c.item_id for c in adopted] == ids[1:]
+        assert seen == [store.GROUP_KEEPALIVE]  # over TCP, as the tests connect
+        with engine.connect() as conn:
+            assert current(conn) == before
+    finally:
+        engine.dispose()

@@ -248,9 +248,10 @@ class LocalAnalyzer:
         self.keyword_candidates = keyword_candidates
         self.mmr_lambda = mmr_lambda
         self.max_text_chars = max_text_chars
-        # Keyword candidates found by ``prefetch``, by document, for ``analyze`` to take
-        # (the document is kept beside them, so that a recycled id() cannot match).
-        self._candidates: dict[int, tuple[Document, list[tuple[str, str]]]] = {}
+        # Keyword candidates found by ``prefetch``, by document, for ``analyze`` to take,
+        # with the document and the text they came from (a recycled id() cannot match, nor
+        # a huge document's sample taken from other chunks).
+        self._candidates: dict[int, tuple[Document, str, list[tuple[str, str]]]] = {}
 
     def warm_up(self) -> None:
         """Load the language model and embed the label prompts now, not on the first item."""
@@ -267,7 +268,7 @@ class LocalAnalyzer:
         for doc, chunks in documents:
             text, _ = _text_for_terms(doc, chunks, self.max_text_chars)
             candidates = _candidate_phrases(text, self.keyword_candidates)
-            self._candidates[id(doc)] = (doc, candidates)
+            self._candidates[id(doc)] = (doc, text, candidates)
             phrases.update((key, None) for key, _ in candidates)
         _, encoded = PHRASE_CACHE.vectors(self.embedder, list(phrases))
         return encoded
@@ -363,8 +364,8 @@ class LocalAnalyzer:
     def _candidates_of(self, doc: Document, text: str) -> list[tuple[str, str]]:
         """The document's keyword candidates: as ``prefetch`` found them, else from ``text``."""
         kept = self._candidates.pop(id(doc), None)
-        if kept is not None and kept[0] is doc:
-            return kept[1]
+        if kept is not None and kept[0] is doc and kept[1] == text:
+            return kept[2]
         return _candidate_phrases(text, self.keyword_candidates)
 
     def _keywords(

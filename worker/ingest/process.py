@@ -178,19 +178,28 @@ def process_upload(
         own_finished = own.finished and own.error is None
         if not group.settled:
             group.abort(exc)
-            group.settle(resend)
+            try:
+                group.settle(resend)
+            except Exception as failure:  # the own item's error (``exc``), or the database
+                if failure is not exc:
+                    log.warning("group of item %s not settled: %s", item_id, _named(failure))
         if not own_finished or not isinstance(exc, Exception):
             raise
         # The task's own item was written (or recorded) before the group broke off: the
-        # error concerns the others, which went back to the queue; raising it would make
-        # the task retry, or record a failure for, an item that is done.
+        # error concerns the others; raising it would make the task retry, or record a
+        # failure for, an item that is done.
         log.warning(
-            "group of item %s broke off after that item was finished: %s: %s",
+            "group of item %s broke off after that item was finished: %s; the group's "
+            "unfinished items go back to the queue, or wait for the requeue task if that "
+            "failed too",
             item_id,
-            exc.__class__.__name__,
-            exc,
+            _named(exc),
         )
     return group.works[0].outcome
+
+
+def _named(exc: BaseException) -> str:
+    return f"{exc.__class__.__name__}: {exc}"
 
 
 def _finished(outcome: Outcome, watch: Stopwatch | None = None) -> Outcome:
@@ -464,15 +473,17 @@ class _Group:
         self.settled = True
         first = self.works[0]
         unfinished = [w for w in self.works[1:] if w.error is not None or not w.finished]
-        if unfinished:
-            released = set(store.release_claims(self.engine, [w.claim for w in unfinished]))
-            for work in unfinished:
-                again = work.claim.item_id in released
-                work.outcome.status = "released" if again else "stale"
-                if again and resend is not None:
-                    resend(work.claim.item_id)
-        for work in self.works:
-            self._log(work)  # a logged one is not logged again
+        try:
+            if unfinished:
+                released = set(store.release_claims(self.engine, [w.claim for w in unfinished]))
+                for work in unfinished:
+                    again = work.claim.item_id in released
+                    work.outcome.status = "released" if again else "stale"
+                    if again and resend is not None:
+                        resend(work.claim.item_id)
+        finally:  # even when the release failed: those items stay processing, for requeue
+            for work in self.works:
+                self._log(work)  # a logged one is not logged again
         if first.error is not None:
             raise first.error
 
@@ -482,7 +493,7 @@ class _Group:
         work.logged = True
         with self._context(work):
             if work.error is not None:
-                work.outcome.error = f"{work.error.__class__.__name__}: {work.error}"
+                work.outcome.error = _named(work.error)
                 if work.outcome.status == "done":  # not released: retried or recorded
                     work.outcome.status = "error"
             work.outcome.group = len(self.works)

@@ -5,14 +5,18 @@ as the model will."""
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 # Chunking counts the tokens of every chunk it makes (to verify it), and encoding those chunks
-# moments later needs the same counts to sort and cut its batches: the counts of the last
-# this many texts are kept, so that a chunk is tokenised for counting once, not twice.
-COUNT_MEMO_TEXTS = 4096
+# moments later needs the same counts to sort and cut its batches: the counts of the texts
+# last counted are kept (least recently used out first), so that a chunk is tokenised for
+# counting once, not twice. Only texts up to a chunk's size are kept (a chunk holds at most
+# 16 characters per token, see ``worker.ingest.chunk``): the memo stays under ~8 MB of text.
+COUNT_MEMO_TEXTS = 2048
+COUNT_MEMO_MAX_CHARS = 4096
 
 
 class ModelTokenizer:
@@ -20,7 +24,7 @@ class ModelTokenizer:
 
     model_path: str
     _tokenizer: Any = None
-    _counts: dict[str, int] | None = None
+    _counts: OrderedDict[str, int] | None = None
     _counts_lock = threading.Lock()
 
     @property
@@ -48,18 +52,24 @@ class ModelTokenizer:
     def count_tokens_batch(self, texts: Sequence[str]) -> list[int]:
         """``count_tokens`` for many texts in one call; the Rust side uses every core."""
         with self._counts_lock:
-            known = self._counts if self._counts is not None else {}
+            if self._counts is None:
+                self._counts = OrderedDict()
+            known = self._counts
             counts = [known.get(t) for t in texts]
+            for t, n in zip(texts, counts, strict=True):
+                if n is not None:
+                    known.move_to_end(t)
         missing = [t for t, n in zip(texts, counts, strict=True) if n is None]
         if not missing:
             return [n for n in counts if n is not None]
         encodings = self.tokenizer.encode_batch(missing, add_special_tokens=False)
         fresh = {t: len(e.ids) for t, e in zip(missing, encodings, strict=True)}
         with self._counts_lock:
-            if self._counts is None or len(self._counts) + len(fresh) > COUNT_MEMO_TEXTS:
-                self._counts = {}
-            if len(fresh) <= COUNT_MEMO_TEXTS:
-                self._counts.update(fresh)
+            for t, n in fresh.items():
+                if len(t) <= COUNT_MEMO_MAX_CHARS:
+                    known[t] = n
+            while len(known) > COUNT_MEMO_TEXTS:
+                known.popitem(last=False)
         return [fresh[t] if n is None else n for t, n in zip(texts, counts, strict=True)]
 
     def token_offsets_batch(self, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
