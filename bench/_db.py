@@ -42,6 +42,31 @@ def worker_log_records(log_path: Path) -> Iterator[dict[str, Any]]:
             yield record
 
 
+def uploads_seconds(user_id: str, paths: list[Path], *, timeout: float) -> tuple[float, list[int]]:
+    """Enqueue ``paths`` for ``user_id`` and wait until every item is finished; returns the
+    seconds from the first enqueue to the last item's ``processed_at`` (both read on the
+    database's clock) and the item ids. Measured on the rows rather than by the moment a
+    poll sees them done, so the poll can be slow: polling ten times a second cost the
+    two-core machine the worker runs on a few per cent of its CPU."""
+    from sqlalchemy import text
+
+    from worker import client
+    from worker.db.engine import session_scope
+
+    with session_scope(user_id=user_id) as s:
+        started = s.execute(text("SELECT clock_timestamp()")).scalar_one()
+    ids = [client.enqueue_upload(user_id, p) for p in paths]
+    counts = client.wait_for_items(user_id, ids, timeout=timeout, poll=0.5)
+    if set(counts) != {"done"}:
+        raise RuntimeError(f"uploads did not all finish: {counts}")
+    with session_scope(user_id=user_id) as s:
+        finished = s.execute(
+            text("SELECT max(processed_at) FROM item WHERE user_id = :u AND id = ANY(:ids)"),
+            {"u": user_id, "ids": ids},
+        ).scalar_one()
+    return (finished - started).total_seconds(), ids
+
+
 def keep_worker_log(log_path: Path, label: str) -> None:
     """With BENCH_KEEP_LOG=PREFIX, copy a benchmark worker's log to PREFIX-LABEL.log before
     its temporary directory goes (to read its per-batch stage durations afterwards)."""
