@@ -19,7 +19,7 @@ import math
 import re
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -29,9 +29,10 @@ import numpy as np
 from numpy.typing import NDArray
 
 from worker.config import DEFAULT_LABELS
-from worker.errors import ConfigError
+from worker.errors import ConfigError, describe
 from worker.ingest.chunk import sentence_spans
 from worker.ingest.types import AnalysisResult, Chunk, Document, Embedder
+from worker.lru import LRU
 
 # "other" is what is left when no label fits; a prompt vector for it would mean nothing.
 FALLBACK_LABEL = "other"
@@ -174,31 +175,22 @@ class PhraseVectorCache:
     cost."""
 
     def __init__(self, maxsize: int = 20_000) -> None:
-        self.maxsize = maxsize
-        self._data: OrderedDict[tuple[str, int, str], NDArray[np.float32]] = OrderedDict()
-        self._lock = threading.Lock()
+        self._data: LRU[tuple[str, int, str], NDArray[np.float32]] = LRU(maxsize)
 
     def vectors(self, embedder: Embedder, texts: Sequence[str]) -> tuple[NDArray[np.float32], int]:
         """(vectors in the order of ``texts``, how many had to be encoded)."""
+        keys = [(embedder.name, embedder.dimensions, text) for text in texts]
         out = np.zeros((len(texts), embedder.dimensions), dtype=np.float32)
         missing: list[int] = []
-        with self._lock:
-            for i, text in enumerate(texts):
-                key = (embedder.name, embedder.dimensions, text)
-                vec = self._data.get(key)
-                if vec is None:
-                    missing.append(i)
-                else:
-                    self._data.move_to_end(key)
-                    out[i] = vec
+        for i, vec in enumerate(self._data.get_many(keys)):
+            if vec is None:
+                missing.append(i)
+            else:
+                out[i] = vec
         if missing:
             fresh = embedder.encode([texts[i] for i in missing])
-            with self._lock:
-                for i, vec in zip(missing, fresh, strict=True):
-                    out[i] = vec
-                    self._data[(embedder.name, embedder.dimensions, texts[i])] = vec
-                while len(self._data) > self.maxsize:
-                    self._data.popitem(last=False)
+            out[missing] = fresh
+            self._data.put_many((keys[i], vec) for i, vec in zip(missing, fresh, strict=True))
         return out, len(missing)
 
 
@@ -758,7 +750,7 @@ class OpenAICompatibleAnalyzer:
         exc: Exception,
     ) -> AnalysisResult:
         result = self.fallback.analyze(doc, chunks, chunk_vectors, trace_id=trace_id)
-        error = self._scrub(f"{type(exc).__name__}: {exc}")
+        error = self._scrub(describe(exc))
         raw = {
             **result.raw_response,
             "fallback": True,

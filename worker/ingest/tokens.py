@@ -4,11 +4,11 @@ as the model will."""
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from worker.lru import LRU
 
 # Chunking counts the tokens of every chunk it makes (to verify it), and encoding those chunks
 # moments later needs the same counts to sort and cut its batches: the counts of the texts
@@ -24,8 +24,7 @@ class ModelTokenizer:
 
     model_path: str
     _tokenizer: Any = None
-    _counts: OrderedDict[str, int] | None = None
-    _counts_lock = threading.Lock()
+    _counts: LRU[str, int] | None = None
 
     @property
     def tokenizer(self) -> Any:
@@ -51,25 +50,15 @@ class ModelTokenizer:
 
     def count_tokens_batch(self, texts: Sequence[str]) -> list[int]:
         """``count_tokens`` for many texts in one call; the Rust side uses every core."""
-        with self._counts_lock:
-            if self._counts is None:
-                self._counts = OrderedDict()
-            known = self._counts
-            counts = [known.get(t) for t in texts]
-            for t, n in zip(texts, counts, strict=True):
-                if n is not None:
-                    known.move_to_end(t)
+        if self._counts is None:
+            self._counts = LRU(COUNT_MEMO_TEXTS)
+        counts = self._counts.get_many(texts)
         missing = [t for t, n in zip(texts, counts, strict=True) if n is None]
         if not missing:
             return [n for n in counts if n is not None]
         encodings = self.tokenizer.encode_batch(missing, add_special_tokens=False)
         fresh = {t: len(e.ids) for t, e in zip(missing, encodings, strict=True)}
-        with self._counts_lock:
-            for t, n in fresh.items():
-                if len(t) <= COUNT_MEMO_MAX_CHARS:
-                    known[t] = n
-            while len(known) > COUNT_MEMO_TEXTS:
-                known.popitem(last=False)
+        self._counts.put_many((t, n) for t, n in fresh.items() if len(t) <= COUNT_MEMO_MAX_CHARS)
         return [fresh[t] if n is None else n for t, n in zip(texts, counts, strict=True)]
 
     def token_offsets_batch(self, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
