@@ -49,3 +49,8 @@ class ConfigError(WorkerError):
 class ModelLifecycleError(PermanentError):
     """An embedding-model operation was refused (``worker models``): an unknown model, files
     that are missing or hold no model, a backfill not complete, the serving model retired."""
+
+
+def describe(exc: BaseException) -> str:
+    """``ExceptionClass: message``, as error fields and log lines show an exception."""
+    return f"{exc.__class__.__name__}: {exc}"

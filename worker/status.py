@@ -11,6 +11,7 @@ from sqlalchemy import text
 from worker.app import consumed_queues
 from worker.config import Settings, get_settings
 from worker.db.engine import session_scope
+from worker.errors import describe
 from worker.render import table
 
 
@@ -33,7 +34,7 @@ def workers_seen(timeout: float = 1.0) -> list[dict[str, Any]] | str:
     try:
         replies = app.control.inspect(timeout=timeout).ping() or {}
     except Exception as exc:  # broker down: the rest of the screen is still worth showing
-        return f"cannot ask ({exc.__class__.__name__}: {exc})"
+        return f"cannot ask ({describe(exc)})"
     return [
         {"worker": name, "reply": reply.get("ok", reply) if isinstance(reply, dict) else reply}
         for name, reply in sorted(replies.items())

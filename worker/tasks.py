@@ -32,7 +32,7 @@ from worker.app import (
     app,
 )
 from worker.config import get_settings
-from worker.errors import TransientError
+from worker.errors import TransientError, describe
 from worker.logs import configured_secrets, log_context, redact
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ def run_guarded(
         log.warning("%s failed: %s", what, message, extra={"stage": "fail"})
     except Exception as exc:
         retry_if_transient(task, exc)
-        message = f"{exc.__class__.__name__}: {exc}"
+        message = describe(exc)
         if is_transient(exc):
             message = f"gave up after {task.request.retries} retries: {message}"
         log.exception("%s failed", what, extra={"stage": "fail"})

@@ -49,7 +49,7 @@ from typing import BinaryIO, Final, Protocol, TextIO, TypeVar
 
 from worker.bookmarks.canonical import skip_reason
 from worker.bookmarks.markup import FastMarkupParser
-from worker.errors import BookmarkFormatError
+from worker.errors import BookmarkFormatError, describe
 
 __all__ = [
     "BLOCK_SIZE",
@@ -390,7 +390,7 @@ def _guarded(entries: Iterator[Entry], label: str) -> Iterator[Entry]:
         raise BookmarkFormatError(f"{label}{exc}") from exc
     except _INPUT_ERRORS as exc:
         raise BookmarkFormatError(
-            f"{label}the export stopped being readable: {type(exc).__name__}: {exc}"
+            f"{label}the export stopped being readable: {describe(exc)}"
         ) from exc
 
 
@@ -599,7 +599,7 @@ def _skip_for(url: str) -> SkippedEntry | None:
 
 
 def _malformed(url: str, exc: BaseException) -> SkippedEntry:
-    return _skipped("malformed", url, f"{type(exc).__name__}: {exc}")
+    return _skipped("malformed", url, describe(exc))
 
 
 def _bool_flag(value: object) -> bool | None:
@@ -967,7 +967,7 @@ class _JsonArrayReader:
                     continue  # the element runs past the buffer: read on and retry
                 return self._resync(f"{exc.msg} at character {self._consumed + exc.pos}")
             except (RecursionError, ValueError) as exc:  # absurdly deep nesting
-                return self._resync(f"{type(exc).__name__}: {exc}")
+                return self._resync(describe(exc))
             self._pos = end
             return value
 

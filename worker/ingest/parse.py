@@ -26,7 +26,7 @@ from pypdf import PasswordType, PdfReader
 from pypdf.errors import DependencyError
 from selectolax.lexbor import LexborHTMLParser, LexborNode
 
-from worker.errors import ParseError, PermanentError, UnsupportedTypeError, WorkerError
+from worker.errors import ParseError, PermanentError, UnsupportedTypeError, WorkerError, describe
 from worker.ingest import sources
 from worker.ingest.types import Document, Source
 
@@ -255,7 +255,7 @@ def _parse_docx(source: Source, limits: _Limits) -> _Extracted:
     except Exception as exc:  # python-docx/lxml raise many types on damaged files
         raise ParseError(
             f"{source.path}: the Word document is damaged and cannot be read "
-            f"({type(exc).__name__}: {exc}). Open and re-save it in Word, then upload again."
+            f"({describe(exc)}). Open and re-save it in Word, then upload again."
         ) from exc
     return _Extracted("\n\n".join(blocks), title=title, metadata={"parser": "python-docx"})
 

@@ -21,7 +21,7 @@ from worker import metrics
 from worker.config import Settings, get_settings
 from worker.db.engine import get_engine, session_scope
 from worker.db.queries import embedding_models
-from worker.errors import PermanentError
+from worker.errors import PermanentError, describe
 from worker.ingest import store
 from worker.ingest.analyze import Analyzer, LocalAnalyzer, make_analyzer
 from worker.ingest.chunk import chunk_document
@@ -182,7 +182,7 @@ def process_upload(
                 group.settle(resend)
             except Exception as failure:  # the own item's error (``exc``), or the database
                 if failure is not exc:
-                    log.warning("group of item %s not settled: %s", item_id, _named(failure))
+                    log.warning("group of item %s not settled: %s", item_id, describe(failure))
         if not own_finished or not isinstance(exc, Exception):
             raise
         # The task's own item was written (or recorded) before the group broke off: the
@@ -193,13 +193,9 @@ def process_upload(
             "unfinished items go back to the queue, or wait for the requeue task if that "
             "failed too",
             item_id,
-            _named(exc),
+            describe(exc),
         )
     return group.works[0].outcome
-
-
-def _named(exc: BaseException) -> str:
-    return f"{exc.__class__.__name__}: {exc}"
 
 
 def _finished(outcome: Outcome, watch: Stopwatch | None = None) -> Outcome:
@@ -493,7 +489,7 @@ class _Group:
         work.logged = True
         with self._context(work):
             if work.error is not None:
-                work.outcome.error = _named(work.error)
+                work.outcome.error = describe(work.error)
                 if work.outcome.status == "done":  # not released: retried or recorded
                     work.outcome.status = "error"
             work.outcome.group = len(self.works)

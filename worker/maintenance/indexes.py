@@ -56,6 +56,7 @@ from worker.db.indexes import (
     model_predicate,
     vector_expr,
 )
+from worker.errors import describe
 from worker.maintenance.runs import advisory_lock, maintenance_run, table_stats
 
 log = logging.getLogger(__name__)
@@ -1032,6 +1033,6 @@ def run_index_upkeep(
                 run.details["models"][model.spec.model] = upkeep_model(engine, model, opts)
             except Exception as exc:  # one broken model must not stop the others' upkeep
                 log.exception("index upkeep of %s failed", model.spec.model)
-                run.details["models"][model.spec.model] = {"error": f"{type(exc).__name__}: {exc}"}
+                run.details["models"][model.spec.model] = {"error": describe(exc)}
                 run.fail(f"{model.spec.model}: {exc}")
         return {"skipped": False, "run_id": run.id, "dry_run": dry_run, **run.details}

@@ -19,6 +19,8 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, text
 
+from worker.errors import describe
+
 log = logging.getLogger(__name__)
 
 LOCK_HELD_REASON = "another run holds the lock"
@@ -150,7 +152,7 @@ def maintenance_run(
         try:
             yield record
         except BaseException as exc:
-            record.details["error"] = f"{type(exc).__name__}: {exc}"
+            record.details["error"] = describe(exc)
             record.details["duration_s"] = round(time.monotonic() - started, 3)
             if record.id is not None:
                 _finish_run(engine, record.id, "failed", _json(record.details))
