@@ -64,10 +64,10 @@ def write_corpus(root: Path, docs: int) -> list[Path]:
     return paths
 
 
-def ceiling_again(texts: list[str]) -> float:
-    """The ceiling measured once more, after the end-to-end runs: the machine drifts by a
-    few per cent over the minutes between, and the mean of before and after is fairer to
-    both runs than either."""
+def ceiling_seconds(texts: list[str]) -> float:
+    """The ceiling's time on ``texts``: measured before the end-to-end runs and again after
+    them (the machine drifts by a few per cent over the minutes between, and the mean of
+    before and after is fairer to both runs than either)."""
     from bench._ceiling import encode_seconds
     from worker.runtime import default_embedder
 
@@ -77,7 +77,6 @@ def ceiling_again(texts: list[str]) -> float:
 def in_process_stages(paths: list[Path], root: Path) -> tuple[dict[str, float], list[str]]:
     """Parse and chunk every file once; time encode and analysis on the same chunks (with
     every core, like the ceiling)."""
-    from bench._ceiling import encode_seconds
     from worker.config import get_settings
     from worker.ingest.analyze import LocalAnalyzer
     from worker.ingest.chunk import chunk_document
@@ -97,7 +96,7 @@ def in_process_stages(paths: list[Path], root: Path) -> tuple[dict[str, float], 
         doc = parse(load_source(path, upload_root=root, max_bytes=10**8))
         docs.append((doc, chunk_document(doc, embedder, max_tokens=settings.chunk_max_tokens)))
     all_chunks = [c.text for _, chunks in docs for c in chunks]
-    encode_all = encode_seconds(embedder, all_chunks)
+    encode_all = ceiling_seconds(all_chunks)
     # As the worker does it: documents in groups of UPLOAD_GROUP_ITEMS, every group's chunks
     # in one encode, its keyword candidates in one, then each analysis, then the group's
     # title+summary texts in one encode (that vector is the pipeline's with or without
@@ -182,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             stages, texts = in_process_stages(paths, root)
             e2e_on = end_to_end(paths, Path(tmp), analysis="local", concurrency=concurrency)
             e2e_off = end_to_end(paths, Path(tmp), analysis="off", concurrency=concurrency)
-            after = ceiling_again(texts)
+            after = ceiling_seconds(texts)
     finally:
         drop_database(DB_NAME)
     chunks = stages["chunks"]
@@ -216,7 +215,7 @@ def model_bound(stages: dict[str, float]) -> str:
         "title+summary vectors": stages["title_summary_s"],
         "keyword candidates": stages["keyword_prefetch_s"],
     }
-    shares = ", ".join(f"{name} +{100 * s / ceiling:.1f} %" for name, s in parts.items())
+    shares = ", ".join(f"{name} {100 * s / ceiling:+.1f} %" for name, s in parts.items())
     bound = ceiling / (ceiling + sum(parts.values()))
     return (
         f"model time beyond the ceiling's: {shares}; with analysis on, the model alone "
