@@ -4,6 +4,8 @@ that importing the module stays free of torch. The model is loaded once per test
 
 from __future__ import annotations
 
+import itertools
+import random
 import subprocess
 import sys
 import time
@@ -16,6 +18,7 @@ import pytest
 from worker.ingest.chunk import chunk_document
 from worker.ingest.embed import (
     SentenceTransformerEmbedder,
+    batch_cost,
     build_embedded,
     default_model_path,
     get_embedder,
@@ -138,10 +141,53 @@ def test_token_batches_respect_both_bounds() -> None:
     for batch in batches:
         assert len(batch) <= 4
         assert len(batch) == 1 or len(batch) * max(lengths[k] for k in batch) <= 300
-        # Little padding: nothing under half the batch's longest text shares its batch.
-        assert min(lengths[k] for k in batch) >= 0.5 * max(lengths[k] for k in batch)
     # A single item longer than the token budget still gets its own batch.
     assert token_batches([0], [999], batch_size=4, max_batch_tokens=10) == [[0]]
+    assert token_batches([], [], batch_size=4, max_batch_tokens=10) == []
+
+
+def test_a_short_last_chunk_is_not_padded_to_a_full_one() -> None:
+    full = [256] * 7
+    # Padding 130 tokens to 256 costs more than a forward pass of its own ...
+    assert token_batches(range(8), [*full, 130], 64, 2048) == [list(range(7)), [7]]
+    # ... padding 250 to 256 does not.
+    assert token_batches(range(8), [*full, 250], 64, 2048) == [list(range(8))]
+
+
+def test_token_batches_cut_at_the_least_modelled_cost() -> None:
+    """Against every split into runs, on small random inputs: the least cost is found."""
+    rng = random.Random(5)
+    for _ in range(200):
+        n = rng.randint(1, 9)
+        lengths = sorted((rng.choice([3, 8, 40, 100, 180, 256]) for _ in range(n)), reverse=True)
+        size, budget = rng.randint(1, 5), rng.choice([256, 512, 1024])
+        splits = [_runs(n, cuts) for cuts in itertools.product([False, True], repeat=n - 1)]
+        best = min(
+            _cost(runs, lengths)
+            for runs in splits
+            if all(len(r) == 1 or (len(r) <= size and _padded(r, lengths) <= budget) for r in runs)
+        )
+        found = token_batches(range(n), lengths, size, budget)
+        assert _cost(found, lengths) == pytest.approx(best)
+
+
+def _runs(n: int, cuts: tuple[bool, ...]) -> list[list[int]]:
+    """0..n-1 cut into consecutive runs after each k where cuts[k-1]."""
+    runs, run = [], [0]
+    for k, cut in enumerate(cuts, start=1):
+        if cut:
+            runs.append(run)
+            run = []
+        run.append(k)
+    return [*runs, run]
+
+
+def _padded(run: list[int], lengths: list[int]) -> int:
+    return len(run) * max(lengths[k] for k in run)
+
+
+def _cost(runs: list[list[int]], lengths: list[int]) -> float:
+    return sum(batch_cost(len(r), max(lengths[k] for k in r)) for r in runs)
 
 
 def test_throughput_is_reported(embedder: SentenceTransformerEmbedder) -> None:
