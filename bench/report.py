@@ -347,9 +347,10 @@ def markdown(figures: dict[str, Any], *, chart: str = "results.png") -> str:
         "(`worker.subprocess_worker.WorkerProcess`, analysis off unless said) parses, chunks "
         f"({meta['chunk_max_tokens']} tokens, overlap {meta['chunk_overlap_tokens']}), embeds "
         f"(length-sorted batches of at most the batch size and {meta['embed_max_batch_tokens']} "
-        "padded tokens) and writes with binary COPY into the migrated schema, whose HNSW "
-        "index is updated row by row; timed from the first enqueue to the last row committed, "
-        "after a warm-up job in each pool process.",
+        "padded tokens, cut where padding and forward passes cost least) and writes with "
+        "binary COPY into the migrated schema, whose HNSW index is updated row by row; timed "
+        "from the first enqueue to the last row committed, after a warm-up job in each pool "
+        "process.",
         "- LangChain is given exactly our chunks in one `add_texts` call; LlamaIndex gets the "
         "text our parser extracted and splits it itself (SentenceSplitter, 254 tokens of the "
         "model's tokenizer, overlap 32); the naive pipeline gets our chunks per document. "

@@ -152,6 +152,13 @@ def test_a_short_last_chunk_is_not_padded_to_a_full_one() -> None:
     assert token_batches(range(8), [*full, 130], 64, 2048) == [list(range(7)), [7]]
     # ... padding 250 to 256 does not.
     assert token_batches(range(8), [*full, 250], 64, 2048) == [list(range(8))]
+    # On an accelerator a forward pass costs more than padding: batches fill to the bounds.
+    gpu = SentenceTransformerEmbedder(default_model_path(), name=MODEL, device="cuda")
+    cpu = SentenceTransformerEmbedder(default_model_path(), name=MODEL)
+    assert cpu._forward_overhead() < gpu._forward_overhead() == gpu.max_batch_tokens
+    overhead = gpu._forward_overhead()
+    assert token_batches(range(8), [*full, 130], 64, 2048, overhead) == [list(range(8))]
+    assert gpu._model is None  # neither loads a model (nor needs a GPU)
 
 
 def test_token_batches_cut_at_the_least_modelled_cost() -> None:

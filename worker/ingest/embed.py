@@ -103,7 +103,9 @@ class SentenceTransformerEmbedder(ModelTokenizer):
         order = sorted(range(len(unique)), key=lambda k: -lengths[k])
         vectors = np.zeros((len(unique), self.dimensions), dtype=np.float32)
         model = self.model
-        for batch in token_batches(order, lengths, self.batch_size, self.max_batch_tokens):
+        for batch in token_batches(
+            order, lengths, self.batch_size, self.max_batch_tokens, self._forward_overhead()
+        ):
             vectors[batch] = model.encode(
                 [unique[k] for k in batch],
                 batch_size=len(batch),
@@ -113,6 +115,13 @@ class SentenceTransformerEmbedder(ModelTokenizer):
             )
         out[:] = vectors[inverse]
         return out
+
+    def _forward_overhead(self) -> float:
+        """A forward pass's fixed cost in tokens, for cutting batches. On a CPU it was
+        measured (``FORWARD_OVERHEAD_TOKENS``). An accelerator computes tokens so fast
+        that its kernel launches cost more than a full batch's padding: there, batches are
+        filled to their bounds. (Not measured on one: no GPU was lent to this work.)"""
+        return FORWARD_OVERHEAD_TOKENS if self.device == "cpu" else self.max_batch_tokens
 
     def _model_lengths(self, texts: list[str]) -> list[int]:
         """Tokens the model will see per text: special tokens included, truncation applied."""
@@ -130,22 +139,26 @@ def _quiet_progress_bars() -> None:
     hf_logging.disable_progress_bar()
 
 
-# The cost model ``token_batches`` minimises, measured with all-MiniLM-L6-v2 on one thread
-# (µs per padded token over batch shapes, bench-style): a forward pass costs about as much
-# as 40 tokens before it computes any, and attention adds W/2304 per token at width W
-# (4·W·d against 24·d² flops a token, d = 384). Padding costs like real tokens.
+# The cost model ``token_batches`` minimises, measured with all-MiniLM-L6-v2 on one CPU
+# thread (µs per padded token over batch shapes): a forward pass costs about as much as 40
+# tokens before it computes any, and attention adds W/2304 per token at width W (4·W·d
+# against 24·d² flops a token, d = 384). Padding costs like real tokens.
 FORWARD_OVERHEAD_TOKENS = 40
 ATTENTION_WIDTH = 2304
 
 
-def batch_cost(items: int, widest: int) -> float:
+def batch_cost(items: int, widest: int, overhead: float = FORWARD_OVERHEAD_TOKENS) -> float:
     """Modelled cost, in token-equivalents, of one forward pass over ``items`` texts padded
     to ``widest`` tokens."""
-    return items * widest * (1 + widest / ATTENTION_WIDTH) + FORWARD_OVERHEAD_TOKENS
+    return items * widest * (1 + widest / ATTENTION_WIDTH) + overhead
 
 
 def token_batches(
-    order: Sequence[int], lengths: Sequence[int], batch_size: int, max_batch_tokens: int
+    order: Sequence[int],
+    lengths: Sequence[int],
+    batch_size: int,
+    max_batch_tokens: int,
+    overhead: float = FORWARD_OVERHEAD_TOKENS,
 ) -> list[list[int]]:
     """Consecutive runs of ``order`` with at most ``batch_size`` items and at most
     ``max_batch_tokens`` padded tokens (items x longest item) each, cut where the modelled
@@ -166,7 +179,7 @@ def token_batches(
             widest = max(widest, lengths[order[i]])
             if i < j - 1 and (j - i) * widest > max_batch_tokens:
                 break
-            cost = best[i] + batch_cost(j - i, widest)
+            cost = best[i] + batch_cost(j - i, widest, overhead)
             if cost < best[j]:
                 best[j], start[j] = cost, i
     batches: list[list[int]] = []
