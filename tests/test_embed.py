@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from numpy.typing import NDArray
 
 from worker.ingest.chunk import chunk_document
 from worker.ingest.embed import (
@@ -21,6 +22,7 @@ from worker.ingest.embed import (
     batch_cost,
     build_embedded,
     default_model_path,
+    filled_batches,
     get_embedder,
     title_summary_text,
     token_batches,
@@ -134,16 +136,17 @@ def test_chunks_are_tokenised_for_counting_once(
 
 
 def test_token_batches_respect_both_bounds() -> None:
-    lengths = [256, 200, 120, 40, 30, 12, 12, 12, 5, 5, 5, 5, 5]
+    lengths = [5, 256, 12, 200, 5, 40, 120, 30, 12, 5, 12, 5, 5]
     order = sorted(range(len(lengths)), key=lambda k: -lengths[k])
-    batches = token_batches(order, lengths, batch_size=4, max_batch_tokens=300)
-    assert [k for b in batches for k in b] == order
-    for batch in batches:
-        assert len(batch) <= 4
-        assert len(batch) == 1 or len(batch) * max(lengths[k] for k in batch) <= 300
-    # A single item longer than the token budget still gets its own batch.
-    assert token_batches([0], [999], batch_size=4, max_batch_tokens=10) == [[0]]
-    assert token_batches([], [], batch_size=4, max_batch_tokens=10) == []
+    for cut in (token_batches, filled_batches):
+        batches = cut(order, lengths, 4, 300)
+        assert [k for b in batches for k in b] == order
+        assert all(_allowed(b, lengths, 4, 300) for b in batches)
+        # A text longer than the token budget gets a batch of its own, however many there are.
+        assert cut(range(3), [999] * 3, 4, 10) == [[0], [1], [2]]
+        assert cut([], [], 4, 10) == []
+    # Filled: each batch as long as the bounds allow.
+    assert filled_batches(range(9), [256] * 8 + [2], 64, 2048) == [list(range(8)), [8]]
 
 
 def test_a_short_last_chunk_is_not_padded_to_a_full_one() -> None:
@@ -152,30 +155,62 @@ def test_a_short_last_chunk_is_not_padded_to_a_full_one() -> None:
     assert token_batches(range(8), [*full, 130], 64, 2048) == [list(range(7)), [7]]
     # ... padding 250 to 256 does not.
     assert token_batches(range(8), [*full, 250], 64, 2048) == [list(range(8))]
-    # On an accelerator a forward pass costs more than padding: batches fill to the bounds.
-    gpu = SentenceTransformerEmbedder(default_model_path(), name=MODEL, device="cuda")
-    cpu = SentenceTransformerEmbedder(default_model_path(), name=MODEL)
-    assert cpu._forward_overhead() < gpu._forward_overhead() == gpu.max_batch_tokens
-    overhead = gpu._forward_overhead()
-    assert token_batches(range(8), [*full, 130], 64, 2048, overhead) == [list(range(8))]
-    assert gpu._model is None  # neither loads a model (nor needs a GPU)
+
+
+def test_the_device_chooses_how_batches_are_cut(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU by least cost, on an accelerator filled (no model loaded, no GPU needed)."""
+    lengths = [256] * 7 + [130]
+    cpu = SentenceTransformerEmbedder(default_model_path(), name=MODEL, max_batch_tokens=2048)
+    gpu = SentenceTransformerEmbedder(
+        default_model_path(), name=MODEL, max_batch_tokens=2048, device="cuda"
+    )
+    assert cpu._batches(list(range(8)), lengths) == [list(range(7)), [7]]
+    assert gpu._batches(list(range(8)), lengths) == [list(range(8))]
+    assert gpu._model is None
+    # encode cuts through _batches.
+    cuts: list[list[list[int]]] = []
+    real = cpu._batches
+
+    def spy(order: list[int], lengths: list[int]) -> list[list[int]]:
+        cuts.append(real(order, lengths))
+        return cuts[-1]
+
+    monkeypatch.setattr(cpu, "_batches", spy)
+    monkeypatch.setattr(cpu, "_model", _ZeroModel())
+    assert cpu.encode(["one", "two words", "three more words"]).shape == (3, 384)
+    assert len(cuts) == 1 and sorted(k for b in cuts[0] for k in b) == [0, 1, 2]
+
+
+class _ZeroModel:
+    """Stands in for the SentenceTransformer: one zero vector per text."""
+
+    def encode(self, texts: list[str], **_: object) -> NDArray[np.float32]:
+        return np.zeros((len(texts), 384), dtype=np.float32)
 
 
 def test_token_batches_cut_at_the_least_modelled_cost() -> None:
-    """Against every split into runs, on small random inputs: the least cost is found."""
+    """Against every split into runs, on small random inputs in any order: the batches are
+    allowed, cover every text once, in order, and cost the least that any split can."""
     rng = random.Random(5)
-    for _ in range(200):
+    for _ in range(300):
         n = rng.randint(1, 9)
-        lengths = sorted((rng.choice([3, 8, 40, 100, 180, 256]) for _ in range(n)), reverse=True)
-        size, budget = rng.randint(1, 5), rng.choice([256, 512, 1024])
+        lengths = [rng.choice([0, 3, 8, 40, 100, 180, 256]) for _ in range(n)]
+        order = rng.sample(range(n), n)
+        size, budget = rng.randint(1, 5), rng.choice([50, 256, 512, 1024])
         splits = [_runs(n, cuts) for cuts in itertools.product([False, True], repeat=n - 1)]
         best = min(
-            _cost(runs, lengths)
+            _cost([[order[k] for k in run] for run in runs], lengths)
             for runs in splits
-            if all(len(r) == 1 or (len(r) <= size and _padded(r, lengths) <= budget) for r in runs)
+            if all(_allowed([order[k] for k in run], lengths, size, budget) for run in runs)
         )
-        found = token_batches(range(n), lengths, size, budget)
+        found = token_batches(order, lengths, size, budget)
+        assert [k for b in found for k in b] == order
+        assert all(_allowed(b, lengths, size, budget) for b in found)
         assert _cost(found, lengths) == pytest.approx(best)
+
+
+def _allowed(batch: list[int], lengths: list[int], size: int, budget: int) -> bool:
+    return len(batch) == 1 or (len(batch) <= size and _padded(batch, lengths) <= budget)
 
 
 def _runs(n: int, cuts: tuple[bool, ...]) -> list[list[int]]:
